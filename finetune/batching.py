@@ -1,0 +1,92 @@
+"""Deterministic batches: which example, noise, timestep and flip each sample of each step gets.
+
+Everything random is drawn from generators seeded by (seed, micro-step, position in the global
+batch). That makes a resumed run, or a run split over N processes, see exactly the same samples as
+one uninterrupted single-process run, without saving or restoring any data-loader state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import Example, to_training_tensor
+
+
+def sample_generator(seed: int, micro_step: int, position: int) -> torch.Generator:
+    """A CPU generator unique to one sample of one micro-step."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 10_007 + position)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """A shuffled order of the n examples for one epoch."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch)).tolist()
+
+
+def global_indices(seed: int, micro_step: int, global_batch: int, n: int) -> list[int]:
+    """The example indices of one micro-step's global batch (epochs walk shuffled orders)."""
+    out = []
+    for j in range(global_batch):
+        position = micro_step * global_batch + j
+        out.append(epoch_order(seed, position // n, n)[position % n])
+    return out
+
+
+@dataclass
+class SampleSpec:
+    index: int  # example index
+    flip: bool
+    generator: torch.Generator
+
+
+class InstanceBatches:
+    """Builds (latents, captions) batches for one process, with an optional VAE latent cache."""
+
+    def __init__(self, examples: list[Example], vae, vae_scale: float, resolution: int, *, center_crop: bool,
+                 random_flip: bool, cache_latents: bool, device, dtype):
+        self.examples = examples
+        self.vae, self.vae_scale = vae, vae_scale
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        # A random crop differs each time, so only center crops can be cached.
+        self.cache_enabled = cache_latents and center_crop
+        self.device, self.dtype = device, dtype
+        self._cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.vae_encodes = 0  # counted so tests and benchmarks can see the cache working
+
+    def specs(self, seed: int, micro_step: int, batch_size: int, process_index: int, num_processes: int):
+        """The samples this process trains on at `micro_step`."""
+        global_batch = batch_size * num_processes
+        indices = global_indices(seed, micro_step, global_batch, len(self.examples))
+        specs = []
+        for j in range(process_index * batch_size, (process_index + 1) * batch_size):
+            gen = sample_generator(seed, micro_step, j)
+            flip = bool(torch.rand(1, generator=gen) < 0.5) if self.random_flip else False
+            specs.append(SampleSpec(indices[j], flip, gen))
+        return specs
+
+    @torch.no_grad()
+    def _encode(self, spec: SampleSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        example = self.examples[spec.index]
+        pixels = to_training_tensor(example.image, self.resolution, self.center_crop, spec.flip, spec.generator)
+        dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
+        self.vae_encodes += 1
+        return dist.mean[0].float(), dist.std[0].float()
+
+    def latents(self, specs: list[SampleSpec]) -> torch.Tensor:
+        """Scaled latents sampled from each image's VAE posterior (cached mean/std, fresh sample)."""
+        out = []
+        for spec in specs:
+            key = (spec.index, spec.flip)
+            if self.cache_enabled and key in self._cache:
+                mean, std = self._cache[key]
+            else:
+                mean, std = self._encode(spec)
+                if self.cache_enabled:
+                    self._cache[key] = (mean, std)
+            eps = torch.randn(mean.shape, generator=spec.generator).to(mean.device)
+            out.append((mean + std * eps) * self.vae_scale)
+        return torch.stack(out)
+
+    def captions(self, specs: list[SampleSpec]) -> list[str]:
+        return [self.examples[s.index].caption for s in specs]

@@ -1,0 +1,163 @@
+"""The `sdft` command line: parse, build a config, call the library. Heavy imports happen late."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+
+from . import UserError, __version__
+from .config import METHOD_SECTIONS, RunConfig, coerce, field_flag, field_kind, load_recipe
+
+METHOD_HELP = {
+    "lora": "train a LoRA (peft) on the UNet, optionally the text encoder",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdft", description="Fine-tune Stable Diffusion: textual inversion, "
+                                     "hypernetworks, LoRA and DreamBooth behind one trainer.", allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"sdft {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for method in METHOD_SECTIONS:
+        p = sub.add_parser(method.replace("_", "-"), help=METHOD_HELP.get(method, method), allow_abbrev=False)
+        p.set_defaults(method=method)
+        _add_config_flags(p, RunConfig.for_method(method))
+    p = sub.add_parser("train", help="run a recipe: sdft train RECIPE.yaml [section.key=value ...]", allow_abbrev=False)
+    p.add_argument("recipe", help="recipe YAML (or a run's config.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    p = sub.add_parser("generate", help="generate images with a base model and adapters", allow_abbrev=False)
+    p.add_argument("--model", default="tiny", help="base model (as for training)")
+    p.add_argument("--model-config", default=None, help="configs for a single-file --model")
+    p.add_argument("--adapter", action="append", default=[], help="adapter file or folder (repeatable)")
+    p.add_argument("--adapter-scale", action="append", type=float, default=[],
+                   help="scale per --adapter, in the same order (default 1.0)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--output", default="sdft-sample.png", help="PNG path (a grid when --num-images > 1)")
+    return parser
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config: RunConfig) -> None:
+    """One flag per config field of the method's sections; defaults come from the config, not argparse."""
+    for section in config.sections():
+        group = parser.add_argument_group(section)
+        obj = getattr(config, section)
+        for f in dataclasses.fields(obj):
+            scalar, is_list, _ = field_kind(f)
+            default = getattr(obj, f.name)
+            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            dest = f"cfg:{section}.{f.name}"
+            if scalar is bool and not is_list:
+                group.add_argument(field_flag(f), dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            else:
+                group.add_argument(field_flag(f), dest=dest, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                   choices=f.metadata.get("choices"), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    config = RunConfig.for_method(args.method)
+    for key, value in vars(args).items():
+        if key.startswith("cfg:"):
+            dotted = key[4:]
+            section, _, name = dotted.partition(".")
+            f = {g.name: g for g in dataclasses.fields(getattr(config, section))}[name]
+            setattr(getattr(config, section), name, coerce(value, f, field_flag(f)))
+    return config
+
+
+def _check_unknown(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [s for a in _all_actions(parser) for s in a.option_strings]
+        word = next((u for u in unknown if u.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else "; see sdft COMMAND --help"
+        raise UserError(f"unknown argument {word}{hint}")
+    return args
+
+
+def _all_actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from sub._actions
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("accelerate", "torch", "PIL", "tensorboard"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_generate(args: argparse.Namespace) -> str:
+    from .inference import generate, load_adapter
+    from .models import load_pipeline
+    from .plots import image_grid
+
+    pipe = load_pipeline(args.model, single_file_config=args.model_config)
+    pipe.set_progress_bar_config(disable=True)
+    scales = args.adapter_scale + [1.0] * (len(args.adapter) - len(args.adapter_scale))
+    for path, scale in zip(args.adapter, scales):
+        load_adapter(pipe, path, scale)
+    images = generate(pipe, [args.prompt], list(range(args.seed, args.seed + args.num_images)), steps=args.steps,
+                      guidance=args.guidance, negative_prompt=args.negative_prompt, resolution=args.resolution)
+    image_grid(images, min(4, len(images))).save(args.output)
+    return args.output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _check_unknown(parser, argv)
+        if not args.command:
+            parser.print_help()
+            return 0
+        _quiet_libraries()
+        if args.command == "generate":
+            print(f"wrote {run_generate(args)}")
+            return 0
+        config = load_recipe(args.recipe, args.overrides) if args.command == "train" else config_from_args(args)
+        from .trainer import train
+
+        summary = train(config)
+        _print_summary(summary)
+        return 0
+    except UserError as exc:
+        print(f"sdft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdft: interrupted; resume with --resume latest", file=sys.stderr)
+        return 130
+
+
+def _print_summary(summary: dict) -> None:
+    if not summary:
+        return
+    print(f"\nsdft {summary['method']}: {summary['steps']} steps in {summary['wall_time_s']:.1f} s, "
+          f"final loss {summary['final_loss_avg10']:.4f} (mean of last 10)")
+    for fmt, paths in summary["exports"].items():
+        for path in paths:
+            print(f"  export ({fmt}): {path}")
+    print(f"  samples: {summary['samples']}")
+    print(f"  loss plot: {summary['loss_plot']}")
+    print(f"  summary: {os.path.join(os.path.dirname(summary['config']), 'summary.json')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

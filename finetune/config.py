@@ -1,0 +1,284 @@
+"""Typed configuration: the one source of CLI flags, recipe keys, defaults and help texts.
+
+A run is a `RunConfig` made of sections (model, data, train, ...). Recipe YAML files use the same
+sections as mappings; `key=value` overrides use dotted names (`train.lr=1e-4`); CLI flags are the
+field names with dashes (`--lr`), unique across sections. Method-specific sections (`lora`, ...) exist
+on every config but only the chosen method's flags are offered on its subcommand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import UserError
+
+
+def opt(default, help: str, flag: str | None = None, choices: tuple | None = None, **kw):
+    """A config field with its help text, an optional CLI flag name and allowed values."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("tiny", "base model: 'tiny' (built-in, offline), a hub id, a local diffusers folder, "
+                    "or a single-file .safetensors checkpoint", flag="model")
+    single_file_config: str | None = opt(None, "diffusers folder or hub id with the configs for a "
+                                         "single-file --model", flag="model-config")
+    prediction_type: str | None = opt(None, "override the scheduler's prediction type",
+                                      choices=("epsilon", "v_prediction"))
+
+
+@dataclass
+class DataConfig:
+    images: str | None = opt(None, "folder of instance images (captions: img.txt beside img.png)")
+    token: str = opt("sks", "the rare word the concept is bound to")
+    class_word: str = opt("", "the concept's class, e.g. dog (used in prompts and prior preservation)")
+    prompt: str = opt("a photo of {token} {class}", "instance prompt template; caption files override it")
+    resolution: int | None = opt(None, "training resolution in pixels (default: the base's native size)")
+    center_crop: bool = opt(True, "center-crop to a square (else random crop)")
+    random_flip: bool = opt(False, "randomly flip images horizontally")
+    cache_latents: bool = opt(True, "encode each image with the VAE once, not every step")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(400, "optimizer steps to train")
+    batch_size: int = opt(1, "images per step per process")
+    lr: float = opt(1e-4, "learning rate")
+    lr_scheduler: str = opt("constant", "learning-rate schedule",
+                            choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+    lr_warmup_steps: int = opt(0, "linear warm-up steps")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
+    mixed_precision: str = opt("no", "mixed precision (fp16/bf16 need a GPU, bf16 also runs on CPU)",
+                               choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
+    seed: int = opt(0, "seed for data order, noise and timesteps")
+    snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common; unset = off)")
+    noise_offset: float = opt(0.0, "noise offset (helps very dark/bright images)")
+
+
+@dataclass
+class OutputConfig:
+    output: str = opt("sdft-output", "run folder")
+    checkpoint_every: int = opt(0, "save a resumable checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "keep the last K checkpoints")
+    resume: str | None = opt(None, "resume from 'latest' or a checkpoint folder")
+    formats: list[str] = opt([], "export formats (default: all of the method's formats)")
+    sample_every: int = opt(0, "write a sample grid every N steps (0 = only at the end)")
+    sample_prompts: list[str] = opt([], "prompts for sample grids (default: the instance prompt)")
+    sample_seeds: list[int] = opt([0, 1, 2, 3], "seeds of the sample images")
+    sample_steps: int = opt(25, "denoising steps for samples")
+    guidance: float = opt(5.0, "classifier-free guidance scale for samples")
+    log_every: int = opt(1, "log loss/lr to tensorboard every N steps")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = opt(4, "LoRA rank of the UNet")
+    alpha: float | None = opt(None, "LoRA alpha of the UNet (default: rank, i.e. scale 1)")
+    dropout: float = opt(0.0, "LoRA dropout")
+    targets: str = opt("attn", "UNet modules: 'attn' (to_q/k/v/out, diffusers' examples), 'kohya' (every "
+                       "Linear and 1x1 conv in the transformer blocks), 'all' (kohya + resnet convs), "
+                       "or a comma list of module-name suffixes")
+    train_text_encoder: bool = opt(False, "also put LoRA on the text encoder")
+    text_encoder_lr: float | None = opt(None, "text-encoder LoRA lr (default: --lr)")
+    text_encoder_rank: int | None = opt(None, "text-encoder LoRA rank (default: --rank)")
+    text_encoder_alpha: float | None = opt(None, "text-encoder LoRA alpha (default: its rank)")
+
+
+# Which section each method owns; a method's subcommand offers the shared sections plus its own.
+METHOD_SECTIONS: dict[str, str] = {"lora": "lora"}
+SHARED_SECTIONS = ("model", "data", "train", "output")
+
+# Per-method defaults that differ from the dataclass defaults (dotted keys).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"train.lr": 1e-4},
+}
+
+
+@dataclass
+class RunConfig:
+    method: str = "lora"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @classmethod
+    def for_method(cls, method: str) -> "RunConfig":
+        """A config with the method's own defaults applied."""
+        if method not in METHOD_SECTIONS:
+            raise UserError(f"unknown method '{method}'{_suggest(method, METHOD_SECTIONS)}")
+        config = cls(method=method)
+        for key, value in METHOD_DEFAULTS.get(method, {}).items():
+            config.set(key, value)
+        return config
+
+    def sections(self) -> list[str]:
+        """The sections that matter for this config's method."""
+        return [*SHARED_SECTIONS, METHOD_SECTIONS[self.method]]
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set `section.key` to `value` (strings are parsed to the field's type)."""
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise UserError(f"'{dotted}': use section.key, e.g. train.lr{_suggest(dotted, self.dotted_keys())}")
+        obj = getattr(self, section, None)
+        if section not in self.sections() or obj is None:
+            raise UserError(f"unknown section '{section}'{_suggest(section, self.sections())}")
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if key not in fields:
+            raise UserError(f"unknown key '{dotted}'{_suggest(dotted, self.dotted_keys())}")
+        setattr(obj, key, coerce(value, fields[key], dotted))
+
+    def dotted_keys(self) -> list[str]:
+        return [f"{s}.{f.name}" for s in self.sections() for f in dataclasses.fields(getattr(self, s))]
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain data (only the sections this method uses)."""
+        out: dict[str, Any] = {"method": self.method}
+        for section in self.sections():
+            out[section] = dataclasses.asdict(getattr(self, section))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """Build from recipe data: {method, section: {key: value}}; unknown keys are errors."""
+        data = dict(data or {})
+        method = data.pop("method", None)
+        if not method:
+            raise UserError("recipe has no 'method:' (one of " + ", ".join(METHOD_SECTIONS) + ")")
+        config = cls.for_method(str(method))
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise UserError(f"recipe key '{section}' must be a section mapping{_suggest(section, config.sections())}")
+            for key, value in values.items():
+                config.set(f"{section}.{key}", value)
+        return config
+
+    def validate(self) -> None:
+        """Check values that a type alone cannot; raise UserError naming the key."""
+        for section in self.sections():
+            obj = getattr(self, section)
+            for f in dataclasses.fields(obj):
+                choices = f.metadata.get("choices")
+                value = getattr(obj, f.name)
+                if choices and value is not None and value not in choices:
+                    raise UserError(f"{section}.{f.name}={value!r}: choose one of {', '.join(choices)}")
+        if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
+            raise UserError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+        if self.train.lr <= 0:
+            raise UserError("train.lr must be > 0")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a recipe YAML and apply `section.key=value` overrides."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path} is not valid YAML: {exc}") from exc
+    config = RunConfig.from_dict(data)
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"override '{item}' must look like section.key=value")
+        config.set(key.strip(), yaml.safe_load(value) if value.strip() else "")
+    return config
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML that `sdft train` can re-run."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def field_flag(f: dataclasses.Field) -> str:
+    """The CLI flag of a config field."""
+    return "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+
+
+def field_kind(f: dataclasses.Field) -> tuple[type, bool, bool]:
+    """(scalar type, is_list, is_optional) of a field's annotation."""
+    hint = typing.get_type_hints(_owner_of(f), include_extras=False)[f.name]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True, optional
+    return hint, False, optional
+
+
+def coerce(value: Any, f: dataclasses.Field, name: str) -> Any:
+    """Convert a recipe/CLI value to the field's type, or raise a UserError naming the key."""
+    scalar, is_list, optional = field_kind(f)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional or is_list:
+            return [] if is_list else None
+        raise UserError(f"{name} cannot be empty")
+    try:
+        if is_list:
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            return [_scalar(v, scalar) for v in items]
+        return _scalar(value, scalar)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{name}={value!r}: expected {scalar.__name__}{' list' if is_list else ''}") from exc
+
+
+def _scalar(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    if kind is str:
+        return str(value).strip() if isinstance(value, str) else str(value)
+    return kind(value)
+
+
+_SECTION_CLASSES = [ModelConfig, DataConfig, TrainConfig, OutputConfig, LoraConfig]
+
+
+def register_section(cls: type) -> type:
+    """Let a method module add its config section class (used by field_kind's type lookup)."""
+    _SECTION_CLASSES.append(cls)
+    return cls
+
+
+def _owner_of(f: dataclasses.Field) -> type:
+    for cls in _SECTION_CLASSES:
+        if any(g is f for g in dataclasses.fields(cls)):
+            return cls
+    raise KeyError(f.name)
+
+
+def _suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""

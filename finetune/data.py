@@ -1,0 +1,107 @@
+"""Instance data: image folders with optional captions, turned into fixed-size training tensors."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+@dataclass
+class Example:
+    """One training image (RGB, PIL) and its caption."""
+
+    path: Path
+    image: object
+    caption: str
+
+
+def format_prompt(template: str, token: str, class_word: str) -> str:
+    """Fill `{token}` and `{class}` and tidy the spaces an empty class word leaves behind."""
+    text = template.replace("{token}", token).replace("{class}", class_word)
+    return " ".join(text.split())
+
+
+def open_rgb(path: Path):
+    """Open an image as RGB with EXIF orientation applied and transparency composited on white."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        img.load()
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits before converting, else everything clips to white.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        arr = (arr / max(arr.max(), 1) * 255).astype("uint8")
+        return Image.fromarray(arr, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_examples(folder: str | None, prompt_template: str, token: str, class_word: str,
+                  flag: str = "--images") -> list[Example]:
+    """Read every image in `folder` with its caption; skip unreadable files with a warning."""
+    if not folder:
+        raise UserError(f"{flag} is required: a folder of training images")
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{flag} {folder}: no such folder")
+    candidates = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not candidates:
+        raise UserError(f"{flag} {folder}: no images found (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
+    examples = []
+    for path in candidates:
+        try:
+            image = open_rgb(path)
+        except Exception as exc:  # PIL raises many types for broken files
+            log.warning("skipping unreadable image %s (%s)", path, exc)
+            continue
+        examples.append(Example(path, image, read_caption(path, prompt_template, token, class_word)))
+    if not examples:
+        raise UserError(f"{flag} {folder}: none of the {len(candidates)} image files could be read")
+    return examples
+
+
+def read_caption(image_path: Path, template: str, token: str, class_word: str) -> str:
+    """The caption file beside the image (with {token}/{class} filled), else the prompt template."""
+    for suffix in CAPTION_SUFFIXES:
+        caption_file = image_path.with_suffix(suffix)
+        if caption_file.is_file():
+            text = caption_file.read_text(encoding="utf-8").strip()
+            if text:
+                return format_prompt(text, token, class_word)
+    return format_prompt(template, token, class_word)
+
+
+def to_training_tensor(image, resolution: int, center_crop: bool = True, flip: bool = False, generator=None):
+    """Resize the short side to `resolution`, crop a square, optionally flip; float tensor in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    img = image.resize(size, Image.Resampling.LANCZOS) if size != (w, h) else image
+    if center_crop:
+        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    else:
+        left = int(torch.randint(0, img.width - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, img.height - resolution + 1, (1,), generator=generator))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -1,0 +1,1 @@
+"""Readers and writers for the adapter file formats other tools use (see shared/formats.md)."""

@@ -1,0 +1,33 @@
+"""Noise targets, timestep sampling and loss weighting shared by every strategy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def prediction_target(scheduler, latents, noise, timesteps, prediction_type: str):
+    """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def snr(scheduler, timesteps) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weights(scheduler, timesteps, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v."""
+    ratio = snr(scheduler, timesteps)
+    clipped = torch.clamp(ratio, max=gamma)
+    return clipped / (ratio + 1.0) if prediction_type == "v_prediction" else clipped / ratio
+
+
+def per_sample_loss(pred, target) -> torch.Tensor:
+    """Mean squared error per sample, in float32."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))

@@ -1,0 +1,169 @@
+"""Load a Stable Diffusion base: a hub id, a local diffusers folder, a single-file checkpoint,
+or the built-in offline `tiny` base."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import UserError
+
+TINY_NAMES = ("tiny",)
+# Bump when the tiny architecture or its weights change, so stale caches are never reused.
+TINY_VERSION = "v1-random"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion pipeline that training touches."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    source: str  # a hub id or a local diffusers folder that from_pretrained can open
+    resolution: int  # the base's native image size in pixels
+
+    @property
+    def vae_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def cache_root() -> Path:
+    """Where sdft keeps generated files that outlive a run (built-in bases, class images)."""
+    return Path(os.environ.get("SDFT_HOME", Path.home() / ".cache" / "sdft"))
+
+
+def tiny_configs() -> dict[str, dict]:
+    """Configs of the tiny SD-architecture base (64 px images, 16x16x4 latents, ~4M-param UNet)."""
+    return {
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(32, 64, 64), sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        ),
+        "unet": dict(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(32, 64, 128), cross_attention_dim=64, attention_head_dim=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        ),
+        "text_encoder": dict(
+            hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+            vocab_size=49408, max_position_embeddings=77, projection_dim=64,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ),
+        "scheduler": dict(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        ),
+    }
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """Build the tiny pipeline deterministically from a seed (random weights, real CLIP tokenizer)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import build_clip_tokenizer
+
+    cfg = tiny_configs()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**cfg["vae"])
+    unet = UNet2DConditionModel(**cfg["unet"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(**cfg["scheduler"]), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_base_folder() -> Path:
+    """A local diffusers folder holding the tiny base, built once and cached."""
+    folder = cache_root() / "bases" / f"tiny-{TINY_VERSION}"
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Build into a temporary sibling and rename, so a crash never leaves a half-written base.
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    try:
+        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "model_index.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_base(name: str) -> str:
+    """Map --model to something from_pretrained/from_single_file opens, or raise a UserError."""
+    if name in TINY_NAMES:
+        return str(tiny_base_folder())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise UserError(f"--model {name}: folder has no model_index.json; pass a diffusers pipeline folder "
+                            "(saved with save_pretrained), a .safetensors checkpoint, a hub id, or 'tiny'")
+        return str(path)
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise UserError(f"--model {name}: file not found")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"--model {name}: not found; pass a hub id (org/name), a local diffusers folder, "
+                        "a .safetensors checkpoint, or 'tiny' (the built-in offline base)")
+    return name  # a hub id
+
+
+def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = None):
+    """Load a full StableDiffusionPipeline for `name` (see resolve_base)."""
+    from diffusers import StableDiffusionPipeline
+
+    source = resolve_base(name)
+    kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False)
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        if Path(source).suffix in SINGLE_FILE_SUFFIXES:
+            if single_file_config:
+                kwargs["config"] = str(resolve_base(single_file_config))
+            return StableDiffusionPipeline.from_single_file(source, **kwargs)
+        return StableDiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if "/" in source and not Path(source).exists():
+            raise UserError(f"--model {name}: could not load it from the hub ({type(exc).__name__}); "
+                            "without network pass a local diffusers folder or 'tiny'") from exc
+        raise
+
+
+def load_components(name: str, single_file_config: str | None = None) -> Components:
+    """Load the trainable parts of the base `name`, all frozen, in float32 on the CPU."""
+    from diffusers import DDPMScheduler
+
+    pipe = load_pipeline(name, single_file_config=single_file_config)
+    source = resolve_base(name)
+    if Path(source).suffix in SINGLE_FILE_SUFFIXES:
+        # Summaries name a folder from_pretrained can open: convert the file once into the cache.
+        folder = cache_root() / "bases" / ("file-" + Path(source).stem)
+        if not (folder / "model_index.json").exists():
+            pipe.save_pretrained(folder, safe_serialization=True)
+        source = str(folder)
+    for module in (pipe.text_encoder, pipe.vae, pipe.unet):
+        module.requires_grad_(False)
+        module.eval()
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    resolution = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    return Components(
+        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
+        noise_scheduler=noise_scheduler, source=source, resolution=resolution,
+    )

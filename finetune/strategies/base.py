@@ -1,0 +1,76 @@
+"""The strategy protocol every fine-tuning method implements, and the registry of methods."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import RunConfig
+    from ..models import Components
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """What the shared trainer needs from a method. Plain classes satisfy it structurally."""
+
+    name: str
+    formats: tuple[str, ...]  # export formats this method writes; the first ones are the defaults
+
+    def prepare(self, components: "Components") -> None:
+        """Install the method's trainable parts; everything else stays frozen."""
+
+    def trainable_modules(self) -> list["torch.nn.Module"]:
+        """Modules that receive gradients (the trainer wraps them with accelerate)."""
+
+    def trains_text_encoder(self) -> bool:
+        """Whether text-encoder outputs change during training (then they cannot be cached)."""
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; each may carry its own 'lr'."""
+
+    def expand_prompt(self, prompt: str) -> str:
+        """Rewrite a prompt before tokenisation (e.g. multi-vector placeholder tokens)."""
+
+    def after_optimizer_step(self) -> None:
+        """Repair anything the optimizer must not have changed."""
+
+    def state_dict(self) -> dict[str, "torch.Tensor"]:
+        """The trained state only (what a checkpoint needs to resume)."""
+
+    def load_state_dict(self, state: dict[str, "torch.Tensor"]) -> None:
+        """Inverse of state_dict."""
+
+    def export(self, out_dir: Path, formats: list[str], metadata: dict[str, str]) -> dict[str, list[str]]:
+        """Write the trained adapter in each format; return {format: [paths]}."""
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: make a strategy available under `name`."""
+
+    def wrap(cls):
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def strategy_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def build_strategy(config: "RunConfig") -> Strategy:
+    """Instantiate the strategy for config.method."""
+    _load_builtin()
+    return _REGISTRY[config.method](config)
+
+
+def _load_builtin() -> None:
+    # Imported here, not at module import, so `sdft --help` never loads torch.
+    from . import lora  # noqa: F401

@@ -1,0 +1,181 @@
+"""LoRA: low-rank deltas injected by peft into the UNet (and optionally the text encoder)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..formats import kohya_lora
+from .base import register
+
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_ENCODER_KOHYA_TARGETS = TEXT_ENCODER_TARGETS + ["fc1", "fc2"]
+
+
+def unet_target_modules(unet, targets: str) -> list[str]:
+    """Full module names for a target set: 'attn', 'kohya', 'all', or comma-separated name suffixes."""
+    if targets == "attn":
+        suffixes = ATTENTION_TARGETS
+        return [n for n, _ in unet.named_modules() if any(n.endswith("." + s) for s in suffixes)]
+    names = []
+    for name, module in unet.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear)
+        is_conv = isinstance(module, torch.nn.Conv2d)
+        in_transformer = ".attentions." in name or name.startswith("mid_block.attentions")
+        if targets == "kohya":
+            # kohya's default: every Linear and 1x1 conv inside the transformer blocks.
+            if in_transformer and (is_linear or (is_conv and module.kernel_size == (1, 1))):
+                names.append(name)
+        elif targets == "all":
+            # The kohya set plus resnet/down/up-sampler convs (LoCon-style): small bases need these.
+            if (is_linear or is_conv) and not name.startswith(("conv_in", "conv_out", "time_embedding")):
+                names.append(name)
+        else:
+            suffixes = [s.strip() for s in targets.split(",") if s.strip()]
+            if (is_linear or is_conv) and any(name == s or name.endswith("." + s) for s in suffixes):
+                names.append(name)
+    return names
+
+
+def text_encoder_targets(unet_targets: str) -> list[str]:
+    return TEXT_ENCODER_KOHYA_TARGETS if unet_targets in ("kohya", "all") else TEXT_ENCODER_TARGETS
+
+
+def _adapter_config(rank: int, alpha: float, dropout: float, targets: list[str]):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                          init_lora_weights="gaussian")
+
+
+def file_stem(token: str) -> str:
+    """A file-name-safe version of the token (A1111/ComfyUI show the file name as the LoRA's name)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", token).strip("_.") or "lora"
+
+
+@register("lora")
+class LoraStrategy:
+    """Train peft LoRA adapters; export diffusers and kohya files."""
+
+    name = "lora"
+    formats = ("diffusers", "kohya")
+    adapter_name = "default"
+
+    def __init__(self, config):
+        self.config = config
+        cfg = config.lora
+        self.rank = cfg.rank
+        self.alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
+        self.te_rank = cfg.text_encoder_rank or cfg.rank
+        self.te_alpha = float(cfg.text_encoder_alpha if cfg.text_encoder_alpha is not None else self.te_rank)
+        self.components = None
+
+    def prepare(self, components) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: F401 - fail early if peft is broken
+
+        self.components = components
+        cfg = self.config.lora
+        targets = unet_target_modules(components.unet, cfg.targets)
+        if not targets:
+            from .. import UserError
+
+            raise UserError(f"lora.targets={cfg.targets!r} matches no module of this UNet")
+        components.unet.add_adapter(_adapter_config(self.rank, self.alpha, cfg.dropout, targets))
+        if cfg.train_text_encoder:
+            components.text_encoder.add_adapter(
+                _adapter_config(self.te_rank, self.te_alpha, cfg.dropout, text_encoder_targets(cfg.targets)))
+
+    def trainable_modules(self):
+        modules = [self.components.unet]
+        if self.config.lora.train_text_encoder:
+            modules.append(self.components.text_encoder)
+        return modules
+
+    def trains_text_encoder(self) -> bool:
+        return bool(self.config.lora.train_text_encoder)
+
+    def param_groups(self):
+        groups = [{"params": [p for p in self.components.unet.parameters() if p.requires_grad],
+                   "lr": self.config.train.lr}]
+        if self.config.lora.train_text_encoder:
+            groups.append({"params": [p for p in self.components.text_encoder.parameters() if p.requires_grad],
+                           "lr": self.config.lora.text_encoder_lr or self.config.train.lr})
+        return groups
+
+    def expand_prompt(self, prompt: str) -> str:
+        return prompt
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def _peft_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        from peft import get_peft_model_state_dict
+
+        states = {"unet": get_peft_model_state_dict(self.components.unet)}
+        if self.config.lora.train_text_encoder:
+            states["text_encoder"] = get_peft_model_state_dict(self.components.text_encoder)
+        return states
+
+    def state_dict(self):
+        return {f"{part}.{k}": v.detach().clone() for part, state in self._peft_states().items()
+                for k, v in state.items()}
+
+    def load_state_dict(self, state) -> None:
+        from peft import set_peft_model_state_dict
+
+        for part in ("unet", "text_encoder"):
+            sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+            if sub:
+                result = set_peft_model_state_dict(getattr(self.components, part), sub)
+                if getattr(result, "unexpected_keys", None):
+                    raise ValueError(f"LoRA state has unexpected keys: {result.unexpected_keys[:3]}")
+
+    def export(self, out_dir: Path, formats, metadata):
+        from diffusers import StableDiffusionPipeline
+
+        out_dir = Path(out_dir)
+        states = self._peft_states()
+        written: dict[str, list[str]] = {}
+        if "diffusers" in formats:
+            adapter_meta = {"unet_lora_adapter_metadata": self._adapter_metadata(self.components.unet)}
+            if "text_encoder" in states:
+                adapter_meta["text_encoder_lora_adapter_metadata"] = self._adapter_metadata(
+                    self.components.text_encoder)
+            StableDiffusionPipeline.save_lora_weights(
+                out_dir, unet_lora_layers=states["unet"], text_encoder_lora_layers=states.get("text_encoder"),
+                weight_name="pytorch_lora_weights.safetensors", **adapter_meta)
+            written["diffusers"] = [str(out_dir / "pytorch_lora_weights.safetensors")]
+        if "kohya" in formats:
+            from safetensors.torch import save_file
+
+            tensors = kohya_lora.peft_to_kohya(states["unet"], "unet", self.alpha)
+            if "text_encoder" in states:
+                tensors.update(kohya_lora.peft_to_kohya(states["text_encoder"], "text_encoder", self.te_alpha))
+            unet = self.components.unet
+            prediction = self.components.noise_scheduler.config.prediction_type
+            meta = kohya_lora.kohya_metadata(
+                rank=self.rank, alpha=self.alpha,
+                base_version=kohya_lora.base_model_version(dict(unet.config), prediction),
+                resolution=int(metadata.get("resolution", 512)), steps=int(metadata.get("steps", 0)),
+                lr=self.config.train.lr, title=file_stem(self.config.data.token), prediction_type=prediction,
+                extra={"sdft_config": metadata.get("config", "")})
+            path = out_dir / f"{file_stem(self.config.data.token)}_lora.safetensors"
+            save_file(tensors, str(path), metadata=meta)
+            written["kohya"] = [str(path)]
+        return written
+
+    def _adapter_metadata(self, model) -> dict:
+        return model.peft_config[self.adapter_name].to_dict()
+
+
+def load_into(pipe, path: str, scale: float = 1.0, adapter_name: str | None = None) -> str:
+    """Load a LoRA file (diffusers or kohya format) into `pipe` through diffusers' own loader."""
+    name = adapter_name or f"sdft_{Path(path).stem}_{len(pipe.get_list_adapters().get('unet', []))}"
+    pipe.load_lora_weights(str(path), adapter_name=name)
+    active = pipe.get_active_adapters()
+    weights = [scale if a == name else 1.0 for a in active]
+    pipe.set_adapters(active, adapter_weights=weights)
+    return name

@@ -88,5 +88,17 @@ class InstanceBatches:
             out.append((mean + std * eps) * self.vae_scale)
         return torch.stack(out)
 
-    def captions(self, specs: list[SampleSpec]) -> list[str]:
-        return [self.examples[s.index].caption for s in specs]
+    def captions(self, specs: list[SampleSpec], templates: list[str] | None = None,
+                 token: str = "", class_word: str = "") -> list[str]:
+        """Each sample's caption; without a caption file, a random template when `templates` is given."""
+        from .data import format_prompt
+
+        out = []
+        for spec in specs:
+            example = self.examples[spec.index]
+            if templates and not example.from_caption_file:
+                choice = int(torch.randint(0, len(templates), (1,), generator=spec.generator))
+                out.append(format_prompt(templates[choice], token, class_word))
+            else:
+                out.append(example.caption)
+        return out

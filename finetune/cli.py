@@ -13,6 +13,8 @@ from .config import METHOD_SECTIONS, RunConfig, coerce, field_flag, field_kind, 
 
 METHOD_HELP = {
     "lora": "train a LoRA (peft) on the UNet, optionally the text encoder",
+    "textual_inversion": "learn the embedding of a new word; everything else frozen",
+    "hypernetwork": "train A1111-style hypernetworks on the attention context",
 }
 
 

@@ -100,13 +100,42 @@ class LoraConfig:
     text_encoder_alpha: float | None = opt(None, "text-encoder LoRA alpha (default: its rank)")
 
 
+@dataclass
+class TextualInversionConfig:
+    init_word: str = opt("", "word (or phrase) whose embedding initialises the new token")
+    vectors: int = opt(1, "embedding vectors per token")
+    property: str = opt("object", "prompt templates to train with", choices=("object", "style"))
+    reuse_token: bool = opt(False, "allow a token the tokenizer already has (its embedding is overwritten)")
+
+
+@dataclass
+class HypernetworkConfig:
+    layer_structure: list[float] = opt([1.0, 2.0, 1.0], "widths of the K/V networks relative to the context "
+                                       "dimension; starts and ends with 1")
+    activation: str = opt("linear", "activation between layers", choices=(
+        "linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish"))
+    layer_norm: bool = opt(False, "LayerNorm after each Linear")
+    activate_output: bool = opt(False, "apply the activation after the last layer too")
+    weight_init: str = opt("Normal", "weight initialisation", choices=(
+        "Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"))
+    dropout: list[float] = opt([], "dropout per layer (same length as layer_structure, 0 at both ends); "
+                               "empty = no dropout")
+    last_layer_dropout: bool = opt(False, "A1111's last_layer_dropout flag")
+    dims: list[int] = opt([], "context dimensions to build networks for (default: every attention "
+                          "context width of the base)")
+    strength: float = opt(1.0, "multiplier applied while training and stored as the default")
+
+
 # Which section each method owns; a method's subcommand offers the shared sections plus its own.
-METHOD_SECTIONS: dict[str, str] = {"lora": "lora"}
+METHOD_SECTIONS: dict[str, str] = {
+    "lora": "lora", "textual_inversion": "textual_inversion", "hypernetwork": "hypernetwork"}
 SHARED_SECTIONS = ("model", "data", "train", "output")
 
 # Per-method defaults that differ from the dataclass defaults (dotted keys).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"train.lr": 1e-4},
+    "textual_inversion": {"train.lr": 5e-4, "train.weight_decay": 0.0},
+    "hypernetwork": {"train.lr": 1e-5, "train.weight_decay": 0.0},
 }
 
 
@@ -118,6 +147,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
+    hypernetwork: HypernetworkConfig = field(default_factory=HypernetworkConfig)
 
     @classmethod
     def for_method(cls, method: str) -> "RunConfig":
@@ -263,13 +294,8 @@ def _scalar(value: Any, kind: type) -> Any:
     return kind(value)
 
 
-_SECTION_CLASSES = [ModelConfig, DataConfig, TrainConfig, OutputConfig, LoraConfig]
-
-
-def register_section(cls: type) -> type:
-    """Let a method module add its config section class (used by field_kind's type lookup)."""
-    _SECTION_CLASSES.append(cls)
-    return cls
+_SECTION_CLASSES = [ModelConfig, DataConfig, TrainConfig, OutputConfig, LoraConfig, TextualInversionConfig,
+                    HypernetworkConfig]
 
 
 def _owner_of(f: dataclasses.Field) -> type:

@@ -21,6 +21,7 @@ class Example:
     path: Path
     image: object
     caption: str
+    from_caption_file: bool = False  # caption files win over a strategy's prompt templates
 
 
 def format_prompt(template: str, token: str, class_word: str) -> str:
@@ -68,21 +69,23 @@ def load_examples(folder: str | None, prompt_template: str, token: str, class_wo
         except Exception as exc:  # PIL raises many types for broken files
             log.warning("skipping unreadable image %s (%s)", path, exc)
             continue
-        examples.append(Example(path, image, read_caption(path, prompt_template, token, class_word)))
+        caption = read_caption_file(path, token, class_word)
+        examples.append(Example(path, image, caption or format_prompt(prompt_template, token, class_word),
+                                from_caption_file=caption is not None))
     if not examples:
         raise UserError(f"{flag} {folder}: none of the {len(candidates)} image files could be read")
     return examples
 
 
-def read_caption(image_path: Path, template: str, token: str, class_word: str) -> str:
-    """The caption file beside the image (with {token}/{class} filled), else the prompt template."""
+def read_caption_file(image_path: Path, token: str, class_word: str) -> str | None:
+    """The caption file beside the image (`.txt` or `.caption`, {token}/{class} filled), if any."""
     for suffix in CAPTION_SUFFIXES:
         caption_file = image_path.with_suffix(suffix)
         if caption_file.is_file():
             text = caption_file.read_text(encoding="utf-8").strip()
             if text:
                 return format_prompt(text, token, class_word)
-    return format_prompt(template, token, class_word)
+    return None
 
 
 def to_training_tensor(image, resolution: int, center_crop: bool = True, flip: bool = False, generator=None):

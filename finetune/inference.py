@@ -20,32 +20,25 @@ def pipeline_from_components(components, text_encoder=None, unet=None):
 
 
 def detect_adapter_kind(path: str | Path) -> str:
-    """Which strategy wrote `path`: 'lora' (diffusers or kohya LoRA)."""
+    """The name of the strategy whose loader recognises the adapter file or folder `path`."""
+    from .strategies.base import adapter_loaders
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"--adapter {path}: file not found")
-    if path.is_dir():
-        if (path / "pytorch_lora_weights.safetensors").is_file():
-            return "lora"
-        raise UserError(f"--adapter {path}: folder holds no known adapter file")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            keys = list(fh.keys())
-        if any(".lora" in k or k.startswith(("lora_unet_", "lora_te")) for k in keys):
-            return "lora"
-    raise UserError(f"--adapter {path}: not a file format sdft knows (LoRA in diffusers or kohya format)")
+    for name, (can_load, _) in adapter_loaders().items():
+        if can_load(path):
+            return name
+    raise UserError(f"--adapter {path}: not an adapter format sdft knows "
+                    "(LoRA, textual-inversion embedding or hypernetwork)")
 
 
 def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> str:
     """Load one adapter file into `pipe` with the loader of the strategy that wrote it."""
-    kind = detect_adapter_kind(path)
-    if kind == "lora":
-        from .strategies.lora import load_into
+    from .strategies.base import adapter_loaders
 
-        return load_into(pipe, str(path), scale)
-    raise AssertionError(kind)
+    _, load_into = adapter_loaders()[detect_adapter_kind(path)]
+    return load_into(pipe, str(path), scale)
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int = 25, guidance: float = 5.0,

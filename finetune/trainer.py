@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,14 +16,28 @@ from .checkpoint import ADAPTER_FILE, load_trainer_state, resolve_resume, save_c
 from .config import RunConfig, save_config
 from .data import format_prompt, load_examples
 from .losses import min_snr_weights, per_sample_loss, prediction_target
-from .models import load_components
+from .models import Components, load_components
 from .strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TrainOutcome:
+    """What a run leaves behind in memory: its summary and the trained strategy and components."""
+
+    summary: dict
+    strategy: object
+    components: Components
+
+
 def train(config: RunConfig) -> dict:
     """Run one fine-tune end to end and return the summary written to <output>/summary.json."""
+    return run_training(config).summary
+
+
+def run_training(config: RunConfig, components: Components | None = None) -> TrainOutcome:
+    """Like train(), on already loaded components if given (tests and benchmarks reuse one base)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
@@ -38,7 +53,8 @@ def train(config: RunConfig) -> dict:
     )
     resume_from = resolve_resume(out, config.output.resume)
 
-    components = load_components(config.model.name, config.model.single_file_config)
+    if components is None:
+        components = load_components(config.model.name, config.model.single_file_config)
     resolution = config.data.resolution or components.resolution
     prediction_type = config.model.prediction_type or components.noise_scheduler.config.prediction_type
     examples = load_examples(config.data.images, config.data.prompt, config.data.token, config.data.class_word)
@@ -125,7 +141,8 @@ def train(config: RunConfig) -> dict:
                                        for s in specs]).to(accelerator.device)
                 noisy = scheduler.add_noise(latents, noise, timesteps)
                 with accelerator.autocast():
-                    hidden = encode_text(batches.captions(specs))
+                    hidden = encode_text(batches.captions(specs, strategy.prompt_templates(),
+                                                          config.data.token, config.data.class_word))
                     pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
                 target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
                 losses = per_sample_loss(pred, target)
@@ -187,7 +204,7 @@ def train(config: RunConfig) -> dict:
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
-    return summary
+    return TrainOutcome(summary, strategy, components)
 
 
 def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:

@@ -31,6 +31,10 @@ class Strategy(Protocol):
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups; each may carry its own 'lr'."""
 
+    def prompt_templates(self) -> list[str] | None:
+        """Templates ({token}, {class}) drawn at random per sample for images without a caption file;
+        None = use the configured instance prompt."""
+
     def expand_prompt(self, prompt: str) -> str:
         """Rewrite a prompt before tokenisation (e.g. multi-vector placeholder tokens)."""
 
@@ -48,6 +52,8 @@ class Strategy(Protocol):
 
 
 _REGISTRY: dict[str, type] = {}
+# Adapter-file loaders: (can_load(path) -> bool, load_into(pipe, path, scale) -> name), one per strategy module.
+_LOADERS: dict[str, tuple] = {}
 
 
 def register(name: str):
@@ -60,6 +66,16 @@ def register(name: str):
     return wrap
 
 
+def register_loader(name: str, can_load, load_into) -> None:
+    """Declare how files written by strategy `name` are recognised and loaded into a pipeline."""
+    _LOADERS[name] = (can_load, load_into)
+
+
+def adapter_loaders() -> dict[str, tuple]:
+    _load_builtin()
+    return dict(_LOADERS)
+
+
 def strategy_names() -> list[str]:
     _load_builtin()
     return sorted(_REGISTRY)
@@ -68,9 +84,21 @@ def strategy_names() -> list[str]:
 def build_strategy(config: "RunConfig") -> Strategy:
     """Instantiate the strategy for config.method."""
     _load_builtin()
+    if config.method not in _REGISTRY:
+        from .. import UserError
+
+        raise UserError(f"method '{config.method}' is not available in this build of sdft")
     return _REGISTRY[config.method](config)
 
 
 def _load_builtin() -> None:
-    # Imported here, not at module import, so `sdft --help` never loads torch.
-    from . import lora  # noqa: F401
+    """Import every strategy module named after a method (lazily, so `sdft --help` never loads torch)."""
+    import importlib
+    import importlib.util
+
+    from ..config import METHOD_SECTIONS
+
+    for method in METHOD_SECTIONS:
+        module = f"{__package__}.{method}"
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)

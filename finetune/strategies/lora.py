@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..formats import kohya_lora
-from .base import register
+from .base import register, register_loader
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -105,6 +105,9 @@ class LoraStrategy:
                            "lr": self.config.lora.text_encoder_lr or self.config.train.lr})
         return groups
 
+    def prompt_templates(self):
+        return None
+
     def expand_prompt(self, prompt: str) -> str:
         return prompt
 
@@ -171,11 +174,26 @@ class LoraStrategy:
         return model.peft_config[self.adapter_name].to_dict()
 
 
+def can_load(path: Path) -> bool:
+    """A diffusers LoRA folder/file or a kohya LoRA file."""
+    if path.is_dir():
+        return (path / "pytorch_lora_weights.safetensors").is_file()
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return any(".lora" in k or k.startswith(("lora_unet_", "lora_te")) for k in fh.keys())
+
+
 def load_into(pipe, path: str, scale: float = 1.0, adapter_name: str | None = None) -> str:
     """Load a LoRA file (diffusers or kohya format) into `pipe` through diffusers' own loader."""
-    name = adapter_name or f"sdft_{Path(path).stem}_{len(pipe.get_list_adapters().get('unet', []))}"
+    scales = pipe.__dict__.setdefault("_sdft_lora_scales", {})
+    name = adapter_name or f"lora_{len(scales)}_{file_stem(Path(path).stem)}"
     pipe.load_lora_weights(str(path), adapter_name=name)
-    active = pipe.get_active_adapters()
-    weights = [scale if a == name else 1.0 for a in active]
-    pipe.set_adapters(active, adapter_weights=weights)
+    scales[name] = scale
+    pipe.set_adapters(list(scales), adapter_weights=list(scales.values()))
     return name
+
+
+register_loader("lora", can_load, load_into)

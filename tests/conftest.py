@@ -1,0 +1,69 @@
+"""Shared fixtures: an offline, isolated environment and the tiny base."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Isolate caches before any library reads them: no network, nothing written to the user's home.
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="sdft-tests-"))
+os.environ.setdefault("SDFT_HOME", str(_SESSION_TMP / "sdft-home"))
+os.environ["HF_HOME"] = str(_SESSION_TMP / "hf-home")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+os.environ["DIFFUSERS_VERBOSITY"] = "error"
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STAR_IMAGES = REPO / "data_examples" / "star"
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def star_images() -> Path:
+    return STAR_IMAGES
+
+
+@pytest.fixture(scope="session")
+def dreambooth_photos() -> Path:
+    """The DreamBooth paper's photos in ../shared (present on developer machines and in CI)."""
+    folder = SHARED / "dreambooth"
+    assert folder.is_dir(), f"{folder} is missing: the tests expect ../shared beside the checkout"
+    return folder
+
+
+@pytest.fixture()
+def tiny_components():
+    """A freshly loaded tiny base (built once per session, then read from the cache)."""
+    from finetune.models import load_components
+
+    return load_components("tiny")
+
+
+def make_config(method: str, output: Path, images: Path = STAR_IMAGES, **dotted):
+    """A small, fast run config: `make_config('lora', tmp, **{'train.steps': 3})`."""
+    from finetune.config import RunConfig
+
+    config = RunConfig.for_method(method)
+    config.data.images = str(images)
+    config.data.token = "sks"
+    config.data.class_word = "star"
+    config.output.output = str(output)
+    config.output.sample_seeds = [0]
+    config.output.sample_steps = 2
+    config.train.steps = 2
+    for key, value in dotted.items():
+        config.set(key, value)
+    return config
+
+
+def render(pipe, prompt: str, seed: int = 0, steps: int = 3):
+    """One float image from `pipe` on a fixed seed (no uint8 rounding, so small changes show)."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=steps, guidance_scale=5.0, generator=gen, output_type="np").images[0]

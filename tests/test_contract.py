@@ -1,0 +1,75 @@
+"""The contract every registered strategy must keep (shared/design.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.strategies import build_strategy, strategy_names
+
+from conftest import make_config, render
+
+# Enough learning rate that two steps visibly change the model, for every method.
+CONTRACT_LR = {"lora": 1e-2, "textual_inversion": 5e-2, "hypernetwork": 1e-3}
+
+
+def _all_params(components):
+    for part in ("text_encoder", "vae", "unet"):
+        for name, param in getattr(components, part).named_parameters():
+            yield f"{part}.{name}", param
+
+
+@pytest.mark.parametrize("method", strategy_names())
+def test_strategy_contract(method, tmp_path, tiny_components):
+    from finetune.data import format_prompt
+    from finetune.inference import load_adapter, pipeline_from_components
+    from finetune.models import load_components, load_pipeline
+    from finetune.trainer import run_training
+
+    config = make_config(method, tmp_path / "run", **{"train.lr": CONTRACT_LR.get(method, 1e-3)})
+    before = {id(p): (name, p.detach().clone()) for name, p in _all_params(tiny_components)}
+    base_pipe = load_pipeline("tiny")
+
+    outcome = run_training(config, tiny_components)
+    strategy, components = outcome.strategy, outcome.components
+
+    # 1. Only the declared parameters change.
+    declared = {id(p) for group in strategy.param_groups() for p in group["params"]}
+    changed = []
+    for name, param in _all_params(components):
+        if id(param) in before:
+            if not torch.equal(before[id(param)][1], param.detach()):
+                changed.append(name)
+                assert id(param) in declared, f"{method} changed undeclared parameter {name}"
+        else:
+            assert id(param) in declared or not param.requires_grad, f"new trainable {name} not declared"
+    new_declared = [p for p in declared if p not in before]
+    assert changed or new_declared, "nothing was trained"
+    assert not any(p.requires_grad for n, p in _all_params(components) if id(p) not in declared)
+
+    # 2. State round-trips into a fresh base.
+    state = strategy.state_dict()
+    fresh = build_strategy(config)
+    fresh.prepare(load_components("tiny"))
+    fresh.load_state_dict(state)
+    restored = fresh.state_dict()
+    assert restored.keys() == state.keys()
+    for key in state:
+        assert torch.equal(restored[key], state[key]), key
+
+    # 3. Every export, loaded into a fresh pipeline, reproduces the trained model's images.
+    prompt = format_prompt(config.data.prompt, config.data.token, config.data.class_word)
+    for module in strategy.trainable_modules():
+        module.eval()
+    trained_image = render(pipeline_from_components(components), strategy.expand_prompt(prompt))
+    base_image = render(base_pipe, prompt)
+    assert np.abs(trained_image - base_image).max() > 1e-3, "training did not change the images"
+    exports = outcome.summary["exports"]
+    assert set(exports) == set(strategy.formats)
+    for fmt, paths in exports.items():
+        for path in paths:
+            pipe = load_pipeline("tiny")
+            load_adapter(pipe, path)
+            loaded_image = render(pipe, prompt)
+            assert np.abs(loaded_image - trained_image).max() < 1e-4, f"{fmt} export {path} differs from the model"

@@ -66,6 +66,15 @@ def tiny_configs() -> dict[str, dict]:
     }
 
 
+def quiet_hf_progress_bars() -> None:
+    """Loading bars from diffusers/transformers drown sdft's own progress output; turn them off."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def build_tiny_pipeline(seed: int = 0):
     """Build the tiny pipeline deterministically from a seed (random weights, real CLIP tokenizer)."""
     import torch
@@ -94,6 +103,7 @@ def tiny_base_folder() -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Build into a temporary sibling and rename, so a crash never leaves a half-written base.
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    quiet_hf_progress_bars()
     try:
         build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
         os.replace(tmp, folder)
@@ -130,6 +140,7 @@ def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = 
     from diffusers import StableDiffusionPipeline
 
     source = resolve_base(name)
+    quiet_hf_progress_bars()
     kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False)
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype

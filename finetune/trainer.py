@@ -16,7 +16,7 @@ from .checkpoint import ADAPTER_FILE, load_trainer_state, resolve_resume, save_c
 from .config import RunConfig, save_config
 from .data import format_prompt, load_examples
 from .losses import min_snr_weights, per_sample_loss, prediction_target
-from .models import Components, load_components
+from .models import Components, load_components, resolve_base
 from .strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,14 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     resume_from = resolve_resume(out, config.output.resume)
+    resolve_base(config.model.name)  # a bad --model fails here, before any work
 
+    # Check the user's input before the slow model load, so mistakes fail in a second.
+    examples = load_examples(config.data.images, config.data.prompt, config.data.token, config.data.class_word)
     if components is None:
         components = load_components(config.model.name, config.model.single_file_config)
     resolution = config.data.resolution or components.resolution
     prediction_type = config.model.prediction_type or components.noise_scheduler.config.prediction_type
-    examples = load_examples(config.data.images, config.data.prompt, config.data.token, config.data.class_word)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
@@ -67,6 +69,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     for module in (components.vae, components.text_encoder, components.unet):
         module.to(accelerator.device, dtype=weight_dtype)
     strategy = build_strategy(config)
+    torch.manual_seed(tcfg.seed)  # adapter initialisation (e.g. LoRA's A matrices) depends on --seed only
     strategy.prepare(components)
     trainable = strategy.trainable_modules()
     for module in trainable:

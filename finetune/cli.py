@@ -15,6 +15,7 @@ METHOD_HELP = {
     "lora": "train a LoRA (peft) on the UNet, optionally the text encoder",
     "textual_inversion": "learn the embedding of a new word; everything else frozen",
     "hypernetwork": "train A1111-style hypernetworks on the attention context",
+    "dreambooth": "fine-tune the whole UNet (optionally the text encoder) with prior preservation",
 }
 
 

@@ -55,7 +55,8 @@ class TrainConfig:
     batch_size: int = opt(1, "images per step per process")
     lr: float = opt(1e-4, "learning rate")
     lr_scheduler: str = opt("constant", "learning-rate schedule",
-                            choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+                            choices=("constant", "constant_with_warmup", "linear", "cosine",
+                                     "cosine_with_restarts", "polynomial"))
     lr_warmup_steps: int = opt(0, "linear warm-up steps")
     grad_accum: int = opt(1, "gradient accumulation steps")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
@@ -63,12 +64,26 @@ class TrainConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon")
+    optimizer: str = opt("adamw", "optimizer; adamw8bit needs bitsandbytes and a CUDA GPU",
+                         choices=("adamw", "adamw8bit"))
     mixed_precision: str = opt("no", "mixed precision (fp16/bf16 need a GPU, bf16 also runs on CPU)",
                                choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
     seed: int = opt(0, "seed for data order, noise and timesteps")
     snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common; unset = off)")
     noise_offset: float = opt(0.0, "noise offset (helps very dark/bright images)")
+
+
+@dataclass
+class PriorConfig:
+    enabled: bool = opt(False, "prior preservation: also train on generated images of the class", flag="prior")
+    class_images: str | None = opt(None, "folder of class images (missing ones are generated into it); "
+                                   "default: a cache folder keyed by base, prompt, resolution and seed")
+    num_class_images: int = opt(100, "class images to use (generated when fewer exist)")
+    class_prompt: str = opt("a photo of {class}", "prompt of the class images ({class} = --class-word)")
+    weight: float = opt(1.0, "weight of the prior loss", flag="prior-weight")
+    generation_steps: int = opt(25, "denoising steps per generated class image")
+    generation_batch: int = opt(4, "class images generated per pipeline call")
 
 
 @dataclass
@@ -126,16 +141,25 @@ class HypernetworkConfig:
     strength: float = opt(1.0, "multiplier applied while training and stored as the default")
 
 
+@dataclass
+class DreamBoothConfig:
+    train_text_encoder: bool = opt(False, "also fine-tune the text encoder")
+    text_encoder_lr: float | None = opt(None, "text-encoder lr (default: --lr)")
+
+
 # Which section each method owns; a method's subcommand offers the shared sections plus its own.
 METHOD_SECTIONS: dict[str, str] = {
-    "lora": "lora", "textual_inversion": "textual_inversion", "hypernetwork": "hypernetwork"}
-SHARED_SECTIONS = ("model", "data", "train", "output")
+    "lora": "lora", "textual_inversion": "textual_inversion", "hypernetwork": "hypernetwork",
+    "dreambooth": "dreambooth"}
+SHARED_SECTIONS = ("model", "data", "train", "prior", "output")
 
 # Per-method defaults that differ from the dataclass defaults (dotted keys).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"train.lr": 1e-4},
     "textual_inversion": {"train.lr": 5e-4, "train.weight_decay": 0.0},
     "hypernetwork": {"train.lr": 1e-5, "train.weight_decay": 0.0},
+    # The DreamBooth paper's and diffusers' choice for SD: lr 5e-6 with prior preservation on.
+    "dreambooth": {"train.lr": 5e-6, "prior.enabled": True},
 }
 
 
@@ -145,10 +169,12 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     hypernetwork: HypernetworkConfig = field(default_factory=HypernetworkConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
 
     @classmethod
     def for_method(cls, method: str) -> "RunConfig":
@@ -215,6 +241,8 @@ class RunConfig:
             raise UserError("train.steps, train.batch_size and train.grad_accum must be >= 1")
         if self.train.lr <= 0:
             raise UserError("train.lr must be > 0")
+        if self.prior.enabled and not self.data.class_word and "{class}" in self.prior.class_prompt:
+            raise UserError("prior preservation needs --class-word (e.g. dog), or --no-prior")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -294,8 +322,8 @@ def _scalar(value: Any, kind: type) -> Any:
     return kind(value)
 
 
-_SECTION_CLASSES = [ModelConfig, DataConfig, TrainConfig, OutputConfig, LoraConfig, TextualInversionConfig,
-                    HypernetworkConfig]
+_SECTION_CLASSES = [ModelConfig, DataConfig, TrainConfig, PriorConfig, OutputConfig, LoraConfig,
+                    TextualInversionConfig, HypernetworkConfig, DreamBoothConfig]
 
 
 def _owner_of(f: dataclasses.Field) -> type:

@@ -75,21 +75,48 @@ def quiet_hf_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Build the tiny pipeline deterministically from a seed (random weights, real CLIP tokenizer)."""
+def sd15_configs() -> dict[str, dict]:
+    """Configs with the shapes of Stable Diffusion 1.5 (UNet 860M, CLIP ViT-L/14 text encoder, SD VAE)."""
+    return {
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+            block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        ),
+        "unet": dict(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        ),
+        "text_encoder": dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ),
+        "scheduler": tiny_configs()["scheduler"],
+    }
+
+
+RANDOM_SHAPES = {"tiny": tiny_configs, "sd15": sd15_configs}
+
+
+def build_random_pipeline(shape: str = "tiny", seed: int = 0):
+    """A randomly initialised pipeline of the given shape ('tiny' or 'sd15'), real CLIP tokenizer.
+
+    Deterministic for a seed; used for the tiny base and for real-size benchmarks with no download.
+    """
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .tokenizer import build_clip_tokenizer
 
-    cfg = tiny_configs()
+    cfg = RANDOM_SHAPES[shape]()
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**cfg["vae"])
-    unet = UNet2DConditionModel(**cfg["unet"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), unet=unet,
+        vae=AutoencoderKL(**cfg["vae"]), text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        tokenizer=build_clip_tokenizer(), unet=UNet2DConditionModel(**cfg["unet"]),
         scheduler=DDIMScheduler(**cfg["scheduler"]), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
@@ -105,7 +132,7 @@ def tiny_base_folder() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
     quiet_hf_progress_bars()
     try:
-        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        build_random_pipeline("tiny").save_pretrained(tmp, safe_serialization=True)
         os.replace(tmp, folder)
     except OSError:
         if not (folder / "model_index.json").exists():
@@ -157,10 +184,22 @@ def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = 
         raise
 
 
-def load_components(name: str, single_file_config: str | None = None) -> Components:
-    """Load the trainable parts of the base `name`, all frozen, in float32 on the CPU."""
+def components_from_pipeline(pipe, source: str) -> Components:
+    """Frozen, eval-mode training components taken from a pipeline."""
     from diffusers import DDPMScheduler
 
+    for module in (pipe.text_encoder, pipe.vae, pipe.unet):
+        module.requires_grad_(False)
+        module.eval()
+    resolution = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    return Components(
+        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), source=source, resolution=resolution,
+    )
+
+
+def load_components(name: str, single_file_config: str | None = None) -> Components:
+    """Load the trainable parts of the base `name`, all frozen, in float32 on the CPU."""
     pipe = load_pipeline(name, single_file_config=single_file_config)
     source = resolve_base(name)
     if Path(source).suffix in SINGLE_FILE_SUFFIXES:
@@ -169,12 +208,4 @@ def load_components(name: str, single_file_config: str | None = None) -> Compone
         if not (folder / "model_index.json").exists():
             pipe.save_pretrained(folder, safe_serialization=True)
         source = str(folder)
-    for module in (pipe.text_encoder, pipe.vae, pipe.unet):
-        module.requires_grad_(False)
-        module.eval()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    resolution = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
-    return Components(
-        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
-        noise_scheduler=noise_scheduler, source=source, resolution=resolution,
-    )
+    return components_from_pipeline(pipe, source)

@@ -54,6 +54,9 @@ def make_config(method: str, output: Path, images: Path = STAR_IMAGES, **dotted)
     config.output.sample_seeds = [0]
     config.output.sample_steps = 2
     config.train.steps = 2
+    # Prior preservation (on for DreamBooth) with few, cheap class images keeps tests fast.
+    config.prior.num_class_images = 2
+    config.prior.generation_steps = 2
     for key, value in dotted.items():
         config.set(key, value)
     return config

@@ -36,7 +36,8 @@ class Strategy(Protocol):
         None = use the configured instance prompt."""
 
     def expand_prompt(self, prompt: str) -> str:
-        """Rewrite a prompt before tokenisation (e.g. multi-vector placeholder tokens)."""
+        """Rewrite a prompt before the trainer's own tokenisation (e.g. multi-vector placeholder tokens).
+        Not for diffusers pipelines: they expand multi-vector tokens themselves."""
 
     def after_optimizer_step(self) -> None:
         """Repair anything the optimizer must not have changed."""

@@ -1,0 +1,146 @@
+"""DreamBooth: fine-tune the whole UNet (optionally the text encoder); prior preservation is the
+trainer's shared feature, on by default for this method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .base import register, register_loader
+
+MARKER_FILE = "sdft_dreambooth.json"
+
+
+@register("dreambooth")
+class DreamBoothStrategy:
+    """Unfreeze the UNet (and text encoder if asked); export a diffusers folder."""
+
+    name = "dreambooth"
+    formats = ("diffusers", "single_file")
+
+    def __init__(self, config):
+        self.config = config
+        self.components = None
+
+    @property
+    def _train_te(self) -> bool:
+        return bool(self.config.dreambooth.train_text_encoder)
+
+    def prepare(self, components) -> None:
+        self.components = components
+        components.unet.requires_grad_(True)
+        if self._train_te:
+            components.text_encoder.requires_grad_(True)
+
+    def trainable_modules(self):
+        return [self.components.unet] + ([self.components.text_encoder] if self._train_te else [])
+
+    def trains_text_encoder(self) -> bool:
+        return self._train_te
+
+    def param_groups(self):
+        groups = [{"params": list(self.components.unet.parameters()), "lr": self.config.train.lr}]
+        if self._train_te:
+            groups.append({"params": list(self.components.text_encoder.parameters()),
+                           "lr": self.config.dreambooth.text_encoder_lr or self.config.train.lr})
+        return groups
+
+    def prompt_templates(self):
+        return None
+
+    def expand_prompt(self, prompt: str) -> str:
+        return prompt
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def _parts(self):
+        return ["unet"] + (["text_encoder"] if self._train_te else [])
+
+    def state_dict(self):
+        return {f"{part}.{k}": v.detach().clone() for part in self._parts()
+                for k, v in getattr(self.components, part).state_dict().items()}
+
+    def load_state_dict(self, state) -> None:
+        for part in self._parts():
+            sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+            getattr(self.components, part).load_state_dict(sub, strict=True)
+
+    def export(self, out_dir: Path, formats, metadata):
+        from ..inference import pipeline_from_components
+
+        written: dict[str, list[str]] = {}
+        if "diffusers" in formats:
+            folder = Path(out_dir) / "pipeline"
+            pipe = pipeline_from_components(self.components)
+            pipe.save_pretrained(folder, safe_serialization=True)
+            (folder / MARKER_FILE).write_text(json.dumps({
+                "train_text_encoder": self._train_te, "token": self.config.data.token,
+                "class_word": self.config.data.class_word}))
+            written["diffusers"] = [str(folder)]
+        if "single_file" in formats:
+            from ..formats.single_file import save_single_file
+            from .lora import file_stem
+
+            path = Path(out_dir) / f"{file_stem(self.config.data.token)}_dreambooth.safetensors"
+            save_single_file(pipeline_from_components(self.components), path,
+                             metadata={"modelspec.title": file_stem(self.config.data.token),
+                                       "sdft_config": metadata.get("config", "")})
+            written["single_file"] = [str(path)]
+        return written
+
+
+def can_load(path: Path) -> bool:
+    """A diffusers pipeline folder or an original-layout single-file checkpoint (a full fine-tune)."""
+    if path.is_dir():
+        return (path / "model_index.json").is_file() and (path / "unet").is_dir()
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return any(k.startswith("model.diffusion_model.") for k in fh.keys())
+
+
+def _blend_into(module, tuned_state: dict, scale: float) -> None:
+    """module <- base + scale * (tuned - base) for every tensor in tuned_state; scale 1 copies exactly."""
+    current = module.state_dict()
+    missing = set(tuned_state) ^ {k for k in current if not k.endswith("position_ids")}
+    if missing:
+        raise ValueError(f"fine-tuned weights do not fit this base, e.g. {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, tuned in tuned_state.items():
+            target = current[name]
+            tuned = tuned.to(target.device, target.dtype)
+            target.copy_(tuned if scale == 1.0 else target + scale * (tuned - target))
+
+
+def load_into(pipe, path: str, scale: float = 1.0) -> str:
+    """Replace the pipeline's UNet (and text encoder, if it was trained) by a fine-tuned one, blended
+    with the current weights by `scale`."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(path)
+    if not folder.is_dir():
+        from safetensors.torch import load_file
+
+        from ..formats.single_file import ldm_to_pipeline_states
+
+        states = ldm_to_pipeline_states(pipe, load_file(str(folder)))
+        _blend_into(pipe.unet, states["unet"], scale)
+        _blend_into(pipe.text_encoder, states["text_encoder"], scale)
+        return folder.stem
+    marker = folder / MARKER_FILE
+    info = json.loads(marker.read_text()) if marker.is_file() else {"train_text_encoder": True}
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    _blend_into(pipe.unet, unet.state_dict(), scale)
+    if info.get("train_text_encoder") and (folder / "text_encoder").is_dir():
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+        _blend_into(pipe.text_encoder, text_encoder.state_dict(), scale)
+    return folder.name
+
+
+register_loader("dreambooth", can_load, load_into)

@@ -31,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a recipe: sdft train RECIPE.yaml [section.key=value ...]", allow_abbrev=False)
     p.add_argument("recipe", help="recipe YAML (or a run's config.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    p = sub.add_parser("extract-lora", help="turn a full fine-tune into a small kohya-format LoRA (SVD of the "
+                       "weight differences)", allow_abbrev=False)
+    p.add_argument("--base", required=True, help="the base the fine-tune started from (as --model)")
+    p.add_argument("--tuned", required=True, help="the fine-tuned model: a diffusers folder or a single-file "
+                   ".safetensors (read with --base's configs)")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
+    p.add_argument("--conv-rank", type=int, default=None,
+                   help="rank for 3x3 convs (default: --rank; 0 leaves them out as kohya's tool does)")
+    p.add_argument("--output", default="extracted_lora.safetensors", help="output .safetensors")
     p = sub.add_parser("generate", help="generate images with a base model and adapters", allow_abbrev=False)
     p.add_argument("--model", default="tiny", help="base model (as for training)")
     p.add_argument("--model-config", default=None, help="configs for a single-file --model")
@@ -123,6 +132,19 @@ def run_generate(args: argparse.Namespace) -> str:
     return args.output
 
 
+def run_extract_lora(args: argparse.Namespace) -> str:
+    from .formats.lora_extract import extract_from_pipelines
+    from .models import load_pipeline, resolve_base
+
+    if args.rank < 1:
+        raise UserError("--rank must be >= 1")
+    base = load_pipeline(args.base)
+    tuned = load_pipeline(args.tuned, single_file_config=resolve_base(args.base))
+    path, stats = extract_from_pipelines(base, tuned, args.output, args.rank, args.conv_rank)
+    print(stats.summary())
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -134,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         if args.command == "generate":
             print(f"wrote {run_generate(args)}")
+            return 0
+        if args.command == "extract-lora":
+            print(f"wrote {run_extract_lora(args)}")
             return 0
         config = load_recipe(args.recipe, args.overrides) if args.command == "train" else config_from_args(args)
         from .trainer import train

@@ -174,7 +174,9 @@ def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = 
     try:
         if Path(source).suffix in SINGLE_FILE_SUFFIXES:
             if single_file_config:
+                # A local folder supplies every config, so nothing is fetched and any shape loads.
                 kwargs["config"] = str(resolve_base(single_file_config))
+                kwargs["local_files_only"] = Path(kwargs["config"]).is_dir()
             return StableDiffusionPipeline.from_single_file(source, **kwargs)
         return StableDiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

@@ -1,0 +1,110 @@
+"""Trainer overhead: sdft's step time vs a bare UNet forward+backward+optimizer step on the same batch.
+
+    python benchmarks/overhead.py --method lora --base tiny --steps 30 --repeats 3
+    python benchmarks/overhead.py --method lora --base sd15 --resolution 256 --steps 5 --repeats 3
+
+`--base sd15` builds a randomly initialised SD1.5-shaped pipeline in memory (no download); 256 px gives
+32x32 latents. Prints one JSON line per run and a summary line with the medians and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bare_step_times(components, strategy, batch_size: int, resolution: int, steps: int, device) -> list[float]:
+    """The floor: one fixed batch, no data pipeline, just UNet forward, MSE, backward and AdamW."""
+    latent = resolution // (2 ** (len(components.vae.config.block_out_channels) - 1))
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch_size, 4, latent, latent, generator=gen).to(device)
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    timesteps = torch.randint(0, 1000, (batch_size,), generator=gen).to(device)
+    ids = components.tokenizer(["a photo of sks"] * batch_size, padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = components.text_encoder(ids.to(device))[0]
+    optimizer = torch.optim.AdamW(strategy.param_groups())
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
+        if strategy.trains_text_encoder():
+            hidden = components.text_encoder(ids.to(device))[0]
+        pred = components.unet(noisy, timesteps, hidden).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def load_base(base: str):
+    from finetune.models import build_random_pipeline, components_from_pipeline, load_components
+
+    if base == "tiny":
+        return load_components("tiny")
+    return components_from_pipeline(build_random_pipeline(base), f"random-{base} (in memory)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--base", default="tiny", choices=("tiny", "sd15"))
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per run (the first is dropped)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate picks)")
+    args = parser.parse_args()
+
+    from finetune.config import RunConfig
+    from finetune.trainer import run_training
+
+    if args.device == "cpu":
+        import os
+
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    trainer_medians, bare_medians = [], []
+    for repeat in range(args.repeats):
+        components = load_base(args.base)
+        config = RunConfig.for_method(args.method)
+        config.data.images = str(REPO / "data_examples" / "star")
+        config.data.class_word = "star"
+        config.data.resolution = args.resolution
+        config.train.steps = args.steps
+        config.train.batch_size = args.batch_size
+        config.train.lr = 1e-5  # small: keep weights sane; speed does not depend on it
+        config.output.output = tempfile.mkdtemp(prefix="sdft-bench-")
+        config.output.sample_seeds = [0]
+        config.output.sample_steps = 1
+        config.output.formats = []
+        outcome = run_training(config, components)
+        trainer_step = outcome.summary["median_step_s"]
+        device = next(components.unet.parameters()).device
+        resolution = args.resolution or components.resolution
+        bare = bare_step_times(components, outcome.strategy, args.batch_size, resolution, args.steps, device)
+        bare_step = statistics.median(bare[1:])
+        trainer_medians.append(trainer_step)
+        bare_medians.append(bare_step)
+        print(json.dumps({"repeat": repeat, "method": args.method, "base": args.base, "resolution": resolution,
+                          "trainer_step_s": round(trainer_step, 4), "bare_step_s": round(bare_step, 4)}), flush=True)
+    trainer, bare = statistics.median(trainer_medians), statistics.median(bare_medians)
+    print(json.dumps({"summary": True, "method": args.method, "base": args.base, "trainer_step_s": round(trainer, 4),
+                      "bare_step_s": round(bare, 4), "overhead_ratio": round(trainer / bare, 3)}))
+
+
+if __name__ == "__main__":
+    main()

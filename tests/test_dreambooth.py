@@ -1,0 +1,129 @@
+"""DreamBooth: what trains, prior preservation's class-image cache, and the full-model exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import make_config, render
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return [k for k, v in module.state_dict().items() if not torch.equal(before[k], v)]
+
+
+def test_unet_trains_text_encoder_only_when_asked(tmp_path, tiny_components):
+    from finetune.models import load_components
+    from finetune.trainer import run_training
+
+    for train_te, components in ((False, tiny_components), (True, load_components("tiny"))):
+        before = {part: _snapshot(getattr(components, part)) for part in ("unet", "vae", "text_encoder")}
+        config = make_config("dreambooth", tmp_path / f"te{train_te}", **{
+            "train.lr": 1e-4, "dreambooth.train_text_encoder": train_te, "dreambooth.text_encoder_lr": 2e-5,
+            "output.formats": ["diffusers"]})
+        outcome = run_training(config, components)
+        assert _changed(before["unet"], components.unet), "the UNet did not train"
+        assert not _changed(before["vae"], components.vae), "the VAE must stay frozen"
+        assert bool(_changed(before["text_encoder"], components.text_encoder)) == train_te
+        lrs = [g["lr"] for g in outcome.strategy.param_groups()]
+        assert lrs == ([1e-4, 2e-5] if train_te else [1e-4])
+
+
+def test_class_images_generated_once_and_reused(tmp_path, star_images):
+    from finetune.prior import count_images
+    from finetune.trainer import run_training
+
+    # A prompt no other test uses, so the session-wide class-image cache starts empty for it.
+    settings = {"prior.num_class_images": 3, "output.formats": ["diffusers"], "train.steps": 1,
+                "prior.class_prompt": "a photo of {class} for the cache test"}
+    first = run_training(make_config("dreambooth", tmp_path / "a", **settings)).summary
+    assert first["class_images_generated"] == 3
+    assert count_images(Path(first["class_images"])) == 3
+    second = run_training(make_config("dreambooth", tmp_path / "b", **settings)).summary
+    assert second["class_images"] == first["class_images"] and second["class_images_generated"] == 0
+    # Asking for more generates only the missing ones; another prompt gets its own cache folder.
+    more = run_training(make_config("dreambooth", tmp_path / "c", **{**settings, "prior.num_class_images": 4}))
+    assert more.summary["class_images_generated"] == 1
+    other = run_training(make_config("dreambooth", tmp_path / "d", **{**settings, "prior.class_prompt": "a {class} x"}))
+    assert other.summary["class_images"] != first["class_images"]
+    # A user folder is filled up to the requested count, then used as is.
+    user = tmp_path / "my_class_images"
+    own = run_training(make_config("dreambooth", tmp_path / "e", **{**settings, "prior.class_images": str(user)}))
+    assert own.summary["class_images_generated"] == 3 and count_images(user) == 3
+
+
+def test_prior_loss_is_logged_and_weighted(tmp_path, tiny_components):
+    from finetune.trainer import run_training
+
+    config = make_config("lora", tmp_path, **{"prior.enabled": True, "prior.weight": 0.5, "train.steps": 1,
+                                               "output.formats": ["kohya"]})
+    summary = run_training(config, tiny_components).summary
+    events = list((tmp_path / "logs").rglob("events.out.tfevents*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss", "loss_instance", "loss_prior"} <= set(tags)
+    total = acc.Scalars("loss")[0].value
+    parts = acc.Scalars("loss_instance")[0].value + 0.5 * acc.Scalars("loss_prior")[0].value
+    assert abs(total - parts) < 1e-5 and summary["class_images_generated"] >= 0
+
+
+def test_single_file_export_loads_with_from_single_file(tmp_path, tiny_components):
+    from finetune.inference import pipeline_from_components
+    from finetune.models import resolve_base
+    from finetune.formats.single_file import load_single_file
+    from finetune.trainer import run_training
+
+    config = make_config("dreambooth", tmp_path, **{"train.lr": 1e-4, "prior.enabled": False})
+    outcome = run_training(config, tiny_components)
+    path = outcome.summary["exports"]["single_file"][0]
+    loaded = load_single_file(path, resolve_base("tiny"))
+    trained = pipeline_from_components(outcome.components)
+    for module in (trained.unet, trained.text_encoder):
+        module.eval()
+    prompt = "a photo of sks star"
+    expected = render(trained, prompt)
+    assert np.abs(render(loaded, prompt) - expected).max() < 1e-4
+    folder = outcome.summary["exports"]["diffusers"][0]
+    from diffusers import StableDiffusionPipeline
+
+    from_folder = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    assert np.abs(render(from_folder, prompt) - expected).max() < 1e-4
+    assert json.loads((tmp_path / "pipeline" / "sdft_dreambooth.json").read_text())["token"] == "sks"
+
+
+def test_extract_lora_cli_reproduces_full_rank(tmp_path, tiny_components, capsys):
+    """sdft extract-lora at full rank turns a DreamBooth UNet into a LoRA that diffusers reproduces."""
+    from finetune.cli import main
+    from finetune.models import load_pipeline, resolve_base
+    from finetune.trainer import run_training
+
+    config = make_config("dreambooth", tmp_path / "run", **{"train.lr": 1e-3, "prior.enabled": False,
+                                                             "output.formats": ["single_file"]})
+    outcome = run_training(config, tiny_components)
+    tuned_file = outcome.summary["exports"]["single_file"][0]
+    out = tmp_path / "extracted.safetensors"
+    assert main(["extract-lora", "--base", "tiny", "--tuned", tuned_file, "--rank", "256",
+                 "--output", str(out)]) == 0
+    assert "extracted" in capsys.readouterr().out
+    pipe = load_pipeline("tiny")
+    pipe.load_lora_weights(str(out))
+    tuned = load_pipeline(tuned_file, single_file_config=resolve_base("tiny"))
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = tuned.unet(sample, torch.tensor([500]), hidden).sample
+        got = pipe.unet(sample, torch.tensor([500]), hidden).sample
+        base = load_pipeline("tiny").unet(sample, torch.tensor([500]), hidden).sample
+    err, moved = (got - want).abs().max().item(), (base - want).abs().max().item()
+    # Biases and norms cannot be carried by a LoRA, so allow a small residual, far below the change itself.
+    assert moved > 1e-3 and err < moved * 0.2, (err, moved)

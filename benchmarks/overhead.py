@@ -87,6 +87,7 @@ def main() -> None:
         config.train.steps = args.steps
         config.train.batch_size = args.batch_size
         config.train.lr = 1e-5  # small: keep weights sane; speed does not depend on it
+        config.prior.enabled = False  # the bare loop has no class batch: compare equal batches
         config.output.output = tempfile.mkdtemp(prefix="sdft-bench-")
         config.output.sample_seeds = [0]
         config.output.sample_steps = 1

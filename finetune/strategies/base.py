@@ -52,6 +52,22 @@ class Strategy(Protocol):
         """Write the trained adapter in each format; return {format: [paths]}."""
 
 
+class StrategyDefaults:
+    """The protocol's hooks that most methods leave as no-ops; a strategy overrides what it needs."""
+
+    def trains_text_encoder(self) -> bool:
+        return False
+
+    def prompt_templates(self) -> list[str] | None:
+        return None
+
+    def expand_prompt(self, prompt: str) -> str:
+        return prompt
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+
 _REGISTRY: dict[str, type] = {}
 # Adapter-file loaders: (can_load(path) -> bool, load_into(pipe, path, scale) -> name), one per strategy module.
 _LOADERS: dict[str, tuple] = {}

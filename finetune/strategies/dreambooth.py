@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from .base import register, register_loader
+from .base import StrategyDefaults, register, register_loader
 
 MARKER_FILE = "sdft_dreambooth.json"
 
 
 @register("dreambooth")
-class DreamBoothStrategy:
+class DreamBoothStrategy(StrategyDefaults):
     """Unfreeze the UNet (and text encoder if asked); export a diffusers folder."""
 
     name = "dreambooth"
@@ -46,15 +46,6 @@ class DreamBoothStrategy:
             groups.append({"params": list(self.components.text_encoder.parameters()),
                            "lr": self.config.dreambooth.text_encoder_lr or self.config.train.lr})
         return groups
-
-    def prompt_templates(self):
-        return None
-
-    def expand_prompt(self, prompt: str) -> str:
-        return prompt
-
-    def after_optimizer_step(self) -> None:
-        pass
 
     def _parts(self):
         return ["unet"] + (["text_encoder"] if self._train_te else [])

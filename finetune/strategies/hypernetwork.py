@@ -11,7 +11,7 @@ import torch
 from .. import UserError, __version__
 from ..formats import a1111_hypernetwork as a1111
 from ..hypernet import Hypernetwork, HypernetworkStructure, context_dims, install
-from .base import register, register_loader
+from .base import StrategyDefaults, register, register_loader
 from .lora import file_stem
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def check_widths(hn: Hypernetwork, unet, what: str) -> None:
 
 
 @register("hypernetwork")
-class HypernetworkStrategy:
+class HypernetworkStrategy(StrategyDefaults):
     """Train one (K, V) residual MLP pair per attention context width; export A1111 files."""
 
     name = "hypernetwork"
@@ -72,20 +72,8 @@ class HypernetworkStrategy:
         # this module: fine in one process; see the report on DDP gradient syncing.
         return [self.hypernetwork]
 
-    def trains_text_encoder(self) -> bool:
-        return False
-
     def param_groups(self):
         return [{"params": list(self.hypernetwork.parameters()), "lr": self.config.train.lr}]
-
-    def prompt_templates(self):
-        return None
-
-    def expand_prompt(self, prompt: str) -> str:
-        return prompt
-
-    def after_optimizer_step(self) -> None:
-        pass
 
     def state_dict(self):
         return {k: v.detach().clone() for k, v in self.hypernetwork.state_dict().items()}

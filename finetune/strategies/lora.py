@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..formats import kohya_lora
-from .base import register, register_loader
+from .base import StrategyDefaults, register, register_loader
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -57,7 +57,7 @@ def file_stem(token: str) -> str:
 
 
 @register("lora")
-class LoraStrategy:
+class LoraStrategy(StrategyDefaults):
     """Train peft LoRA adapters; export diffusers and kohya files."""
 
     name = "lora"
@@ -104,15 +104,6 @@ class LoraStrategy:
             groups.append({"params": [p for p in self.components.text_encoder.parameters() if p.requires_grad],
                            "lr": self.config.lora.text_encoder_lr or self.config.train.lr})
         return groups
-
-    def prompt_templates(self):
-        return None
-
-    def expand_prompt(self, prompt: str) -> str:
-        return prompt
-
-    def after_optimizer_step(self) -> None:
-        pass
 
     def _peft_states(self) -> dict[str, dict[str, torch.Tensor]]:
         from peft import get_peft_model_state_dict

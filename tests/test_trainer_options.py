@@ -1,0 +1,47 @@
+"""Shared trainer options: prediction targets, min-SNR weights, mixed precision, periodic samples."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from conftest import make_config
+
+
+def test_targets_and_min_snr_weights(tiny_components):
+    from finetune.losses import min_snr_weights, prediction_target, snr
+
+    scheduler = tiny_components.noise_scheduler
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    assert torch.equal(prediction_target(scheduler, latents, noise, t, "epsilon"), noise)
+    alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    torch.testing.assert_close(prediction_target(scheduler, latents, noise, t, "v_prediction"), velocity)
+    ratio = snr(scheduler, t)
+    assert ratio[0] > 5 > ratio[1]  # t=10 is nearly clean, t=900 nearly pure noise
+    eps_w = min_snr_weights(scheduler, t, 5.0, "epsilon")
+    torch.testing.assert_close(eps_w, torch.stack([5.0 / ratio[0], torch.tensor(1.0)]))
+    v_w = min_snr_weights(scheduler, t, 5.0, "v_prediction")
+    torch.testing.assert_close(v_w, torch.stack([5.0 / (ratio[0] + 1), ratio[1] / (ratio[1] + 1)]))
+
+
+def test_bf16_v_prediction_min_snr_run(tmp_path, tiny_components):
+    """bf16 autocast on CPU, v-prediction override and min-SNR together: frozen weights in bf16, trained
+    LoRA weights kept in float32, finite loss, and periodic sample grids written."""
+    from finetune.trainer import run_training
+
+    config = make_config("lora", tmp_path, **{
+        "train.mixed_precision": "bf16", "model.prediction_type": "v_prediction", "train.snr_gamma": 5.0,
+        "train.noise_offset": 0.05, "train.steps": 4, "output.sample_every": 2, "output.formats": ["kohya"],
+        "output.sample_prompts": ["a photo of sks", "a photo of sks on a black background"],
+        "output.sample_seeds": [0, 1, 2]})
+    outcome = run_training(config, tiny_components)
+    unet = outcome.components.unet
+    dtypes = {name: p.dtype for name, p in unet.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
+    assert torch.isfinite(torch.tensor(outcome.summary["final_loss"]))
+    grid = Image.open(tmp_path / "samples" / "step-2.png")
+    assert grid.size == (3 * 64, 2 * 64)  # one row per prompt, one column per seed
+    assert (tmp_path / "samples" / "step-4.png").is_file()

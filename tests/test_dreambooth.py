@@ -126,4 +126,5 @@ def test_extract_lora_cli_reproduces_full_rank(tmp_path, tiny_components, capsys
         base = load_pipeline("tiny").unet(sample, torch.tensor([500]), hidden).sample
     err, moved = (got - want).abs().max().item(), (base - want).abs().max().item()
     # Biases and norms cannot be carried by a LoRA, so allow a small residual, far below the change itself.
-    assert moved > 1e-3 and err < moved * 0.2, (err, moved)
+    print(f"extract-lora full rank: max error {err:.3g} vs change {moved:.3g}")
+    assert moved > 1e-3 and err < moved * 0.1, (err, moved)

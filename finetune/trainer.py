@@ -83,6 +83,11 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                                         cache_latents=config.data.cache_latents, device=accelerator.device,
                                         dtype=weight_dtype)
     strategy = build_strategy(config)
+    formats = config.output.formats or list(strategy.formats)
+    unknown = [f for f in formats if f not in strategy.formats]
+    if unknown:  # checked before training, so a typo never costs a run
+        raise UserError(f"output.formats: {', '.join(unknown)} not written by {config.method} "
+                        f"(choose from {', '.join(strategy.formats)})")
     torch.manual_seed(tcfg.seed)  # adapter initialisation (e.g. LoRA's A matrices) depends on --seed only
     strategy.prepare(components)
     trainable = strategy.trainable_modules()
@@ -222,11 +227,6 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         samples = _write_samples(accelerator, config, components, strategy, text_encoder, unet, out,
                                  tcfg.steps, resolution)
         loss_plot(history["steps"], history["losses"], out / "loss.png", f"sdft {config.method} loss")
-        formats = config.output.formats or list(strategy.formats)
-        unknown = [f for f in formats if f not in strategy.formats]
-        if unknown:
-            raise UserError(f"output.formats: {', '.join(unknown)} not written by {config.method} "
-                            f"(choose from {', '.join(strategy.formats)})")
         exports = strategy.export(out, formats, {
             "config": (out / "config.yaml").read_text(), "resolution": str(resolution), "steps": str(tcfg.steps)})
         losses = history["losses"]

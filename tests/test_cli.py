@@ -36,9 +36,11 @@ def test_help_lists_methods(capsys):
     (["lora", "--images", "data_examples/star", "--model", "./missing-folder"], "not found"),
     (["lora", "--images", "data_examples/star", "--steps", "many"], "--steps='many': expected int"),
     (["lora", "--images", "data_examples/star", "--lr-scheduler", "cosnie"], "invalid choice"),
+    (["lora", "--images", "data_examples/star", "--formats", "a1111", "--output", "{tmp}"], "not written by lora"),
 ])
-def test_bad_arguments_are_one_line_errors(capsys, argv, needle, monkeypatch):
+def test_bad_arguments_are_one_line_errors(capsys, argv, needle, monkeypatch, tmp_path):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    argv = [a.replace("{tmp}", str(tmp_path / "out")) for a in argv]
     if "invalid choice" in needle:  # argparse's own message (exit 2 via SystemExit)
         with pytest.raises(SystemExit) as exc:
             main(argv)

@@ -48,6 +48,11 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
 
     config.validate()
     started = time.time()
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps its state in a process-wide singleton; a second run in the same process (library use,
+    # tests) with another mixed-precision setting must start from a clean one. The process group is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     out = Path(config.output.output)
     tcfg = config.train
     accelerator = Accelerator(

@@ -34,6 +34,26 @@ def global_indices(seed: int, micro_step: int, global_batch: int, n: int) -> lis
 
 
 @dataclass
+class CaptionOptions:
+    """Per-sample caption augmentation (kohya-style): dropout to empty, tag shuffling."""
+
+    dropout: float = 0.0
+    shuffle: bool = False
+    keep_tokens: int = 1
+
+    def apply(self, caption: str, generator: torch.Generator) -> str:
+        """The caption as trained on this time; draws from the sample's own generator (exact resume)."""
+        if self.shuffle:
+            tags = [t.strip() for t in caption.split(",") if t.strip()]
+            fixed, rest = tags[: self.keep_tokens], tags[self.keep_tokens:]
+            order = torch.randperm(len(rest), generator=generator).tolist()
+            caption = ", ".join(fixed + [rest[i] for i in order])
+        if self.dropout > 0 and float(torch.rand(1, generator=generator)) < self.dropout:
+            return ""
+        return caption
+
+
+@dataclass
 class SampleSpec:
     index: int  # example index
     flip: bool
@@ -89,8 +109,9 @@ class InstanceBatches:
         return torch.stack(out)
 
     def captions(self, specs: list[SampleSpec], templates: list[str] | None = None,
-                 token: str = "", class_word: str = "") -> list[str]:
-        """Each sample's caption; without a caption file, a random template when `templates` is given."""
+                 token: str = "", class_word: str = "", options: CaptionOptions | None = None) -> list[str]:
+        """Each sample's caption; without a caption file, a random template when `templates` is given;
+        then the optional augmentation."""
         from .data import format_prompt
 
         out = []
@@ -98,7 +119,8 @@ class InstanceBatches:
             example = self.examples[spec.index]
             if templates and not example.from_caption_file:
                 choice = int(torch.randint(0, len(templates), (1,), generator=spec.generator))
-                out.append(format_prompt(templates[choice], token, class_word))
+                caption = format_prompt(templates[choice], token, class_word)
             else:
-                out.append(example.caption)
+                caption = example.caption
+            out.append(options.apply(caption, spec.generator) if options else caption)
         return out

@@ -47,6 +47,9 @@ class DataConfig:
     center_crop: bool = opt(True, "center-crop to a square (else random crop)")
     random_flip: bool = opt(False, "randomly flip images horizontally")
     cache_latents: bool = opt(True, "encode each image with the VAE once, not every step")
+    caption_dropout: float = opt(0.0, "probability of training a sample with an empty caption (helps guidance)")
+    shuffle_captions: bool = opt(False, "shuffle the comma-separated tags of each caption every time")
+    keep_tokens: int = opt(1, "with --shuffle-captions: leading tags that stay in place (e.g. the trigger word)")
 
 
 @dataclass
@@ -70,6 +73,8 @@ class TrainConfig:
                                choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
     seed: int = opt(0, "seed for data order, noise and timesteps")
+    loss: str = opt("l2", "loss between prediction and target", choices=("l2", "l1", "huber"))
+    huber_delta: float = opt(0.1, "Huber loss threshold (with --loss huber)")
     snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common; unset = off)")
     noise_offset: float = opt(0.0, "noise offset (helps very dark/bright images)")
 

@@ -62,6 +62,7 @@ def load_examples(folder: str | None, prompt_template: str, token: str, class_wo
     candidates = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not candidates:
         raise UserError(f"{flag} {folder}: no images found (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
+    listed = read_metadata_jsonl(root)
     examples = []
     for path in candidates:
         try:
@@ -70,11 +71,32 @@ def load_examples(folder: str | None, prompt_template: str, token: str, class_wo
             log.warning("skipping unreadable image %s (%s)", path, exc)
             continue
         caption = read_caption_file(path, token, class_word)
+        if caption is None and path.name in listed:
+            caption = format_prompt(listed[path.name], token, class_word)
         examples.append(Example(path, image, caption or format_prompt(prompt_template, token, class_word),
                                 from_caption_file=caption is not None))
     if not examples:
         raise UserError(f"{flag} {folder}: none of the {len(candidates)} image files could be read")
     return examples
+
+
+def read_metadata_jsonl(folder: Path) -> dict[str, str]:
+    """Captions from a `metadata.jsonl` ({"file_name": ..., "text": ...} per line), as HF imagefolder uses."""
+    import json
+
+    path = folder / "metadata.jsonl"
+    if not path.is_file():
+        return {}
+    captions = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[Path(row["file_name"]).name] = str(row["text"]).strip()
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{path}:{number}: expected {{\"file_name\": ..., \"text\": ...}} ({exc})") from exc
+    return captions
 
 
 def read_caption_file(image_path: Path, token: str, class_word: str) -> str | None:

@@ -28,6 +28,15 @@ def min_snr_weights(scheduler, timesteps, gamma: float, prediction_type: str) ->
     return clipped / (ratio + 1.0) if prediction_type == "v_prediction" else clipped / ratio
 
 
-def per_sample_loss(pred, target) -> torch.Tensor:
-    """Mean squared error per sample, in float32."""
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+def per_sample_loss(pred, target, kind: str = "l2", huber_delta: float = 0.1) -> torch.Tensor:
+    """Per-sample loss in float32: mean squared error (l2), mean absolute error (l1) or Huber."""
+    pred, target = pred.float(), target.float()
+    if kind == "l2":
+        loss = F.mse_loss(pred, target, reduction="none")
+    elif kind == "l1":
+        loss = F.l1_loss(pred, target, reduction="none")
+    elif kind == "huber":
+        loss = F.huber_loss(pred, target, reduction="none", delta=huber_delta)
+    else:
+        raise ValueError(f"unknown loss {kind!r}")
+    return loss.mean(dim=tuple(range(1, pred.ndim)))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import UserError
-from .batching import InstanceBatches
+from .batching import CaptionOptions, InstanceBatches
 from .checkpoint import ADAPTER_FILE, load_trainer_state, resolve_resume, save_checkpoint
 from .config import RunConfig, save_config
 from .data import format_prompt, load_examples
@@ -110,6 +110,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                               center_crop=config.data.center_crop, random_flip=config.data.random_flip,
                               cache_latents=config.data.cache_latents, device=accelerator.device, dtype=weight_dtype)
     text_cache: dict[str, torch.Tensor] = {}
+    caption_options = CaptionOptions(config.data.caption_dropout, config.data.shuffle_captions,
+                                     config.data.keep_tokens)
 
     optimizer = make_optimizer(tcfg, strategy.param_groups(), accelerator.device)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
@@ -161,7 +163,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             specs = batches.specs(tcfg.seed, micro_step, tcfg.batch_size, accelerator.process_index,
                                   accelerator.num_processes)
             captions = batches.captions(specs, strategy.prompt_templates(), config.data.token,
-                                        config.data.class_word)
+                                        config.data.class_word, caption_options)
             latents = batches.latents(specs)
             if class_batches is not None:
                 class_specs = class_batches.specs(tcfg.seed + CLASS_SEED_OFFSET, micro_step, tcfg.batch_size,
@@ -183,7 +185,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                     hidden = encode_text(captions)
                     pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
                 target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
-                losses = per_sample_loss(pred, target)
+                losses = per_sample_loss(pred, target, tcfg.loss, tcfg.huber_delta)
                 if tcfg.snr_gamma:
                     losses = losses * min_snr_weights(scheduler, timesteps, tcfg.snr_gamma, prediction_type)
                 instance_loss = losses[: tcfg.batch_size].mean()

@@ -27,13 +27,14 @@ def test_targets_and_min_snr_weights(tiny_components):
 
 
 def test_bf16_v_prediction_min_snr_run(tmp_path, tiny_components):
-    """bf16 autocast on CPU, v-prediction override and min-SNR together: frozen weights in bf16, trained
+    """bf16 autocast on CPU, v-prediction override, min-SNR, Huber loss and caption augmentation together: frozen weights in bf16, trained
     LoRA weights kept in float32, finite loss, and periodic sample grids written."""
     from finetune.trainer import run_training
 
     config = make_config("lora", tmp_path, **{
         "train.mixed_precision": "bf16", "model.prediction_type": "v_prediction", "train.snr_gamma": 5.0,
-        "train.noise_offset": 0.05, "train.steps": 4, "output.sample_every": 2, "output.formats": ["kohya"],
+        "train.noise_offset": 0.05, "train.loss": "huber", "data.caption_dropout": 0.5,
+        "data.shuffle_captions": True, "train.steps": 4, "output.sample_every": 2, "output.formats": ["kohya"],
         "output.sample_prompts": ["a photo of sks", "a photo of sks on a black background"],
         "output.sample_seeds": [0, 1, 2]})
     outcome = run_training(config, tiny_components)

@@ -35,6 +35,8 @@ class ModelConfig:
                                          "single-file --model", flag="model-config")
     prediction_type: str | None = opt(None, "override the scheduler's prediction type",
                                       choices=("epsilon", "v_prediction"))
+    zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero terminal SNR (Lin et al. 2023; "
+                                  "use with v-prediction)")
 
 
 @dataclass
@@ -77,6 +79,7 @@ class TrainConfig:
     huber_delta: float = opt(0.1, "Huber loss threshold (with --loss huber)")
     snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common; unset = off)")
     noise_offset: float = opt(0.0, "noise offset (helps very dark/bright images)")
+    input_perturbation: float = opt(0.0, "extra noise on the noised input only (Ning et al. 2023; 0.1 is common)")
 
 
 @dataclass

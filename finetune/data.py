@@ -51,6 +51,14 @@ def open_rgb(path: Path):
     return img.convert("RGB")
 
 
+def warn_small_images(examples: list[Example], resolution: int) -> None:
+    """Name the images that training will upscale (their short side is below the resolution)."""
+    small = [e.path.name for e in examples if min(e.image.size) < resolution]
+    if small:
+        log.warning("%d image(s) smaller than %d px will be upscaled (blurry results): %s", len(small), resolution,
+                    ", ".join(small[:5]) + (" ..." if len(small) > 5 else ""))
+
+
 def load_examples(folder: str | None, prompt_template: str, token: str, class_word: str,
                   flag: str = "--images") -> list[Example]:
     """Read every image in `folder` with its caption; skip unreadable files with a warning."""

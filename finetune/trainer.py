@@ -14,7 +14,7 @@ from . import UserError
 from .batching import CaptionOptions, InstanceBatches
 from .checkpoint import ADAPTER_FILE, load_trainer_state, resolve_resume, save_checkpoint
 from .config import RunConfig, save_config
-from .data import format_prompt, load_examples
+from .data import format_prompt, load_examples, warn_small_images
 from .losses import min_snr_weights, per_sample_loss, prediction_target
 from .models import Components, load_components, resolve_base
 from .prior import ensure_class_images
@@ -67,6 +67,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     if components is None:
         components = load_components(config.model.name, config.model.single_file_config)
     resolution = config.data.resolution or components.resolution
+    warn_small_images(examples, resolution)
     prediction_type = config.model.prediction_type or components.noise_scheduler.config.prediction_type
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +151,10 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         return torch.stack([text_cache[p] for p in prompts])
 
     scheduler = components.noise_scheduler
+    if config.model.zero_terminal_snr:
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)
     num_timesteps = scheduler.config.num_train_timesteps
     progress = tqdm(total=tcfg.steps, initial=start_step, desc=f"sdft {config.method}",
                     disable=not accelerator.is_local_main_process)
@@ -180,7 +185,12 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                 noise = noise.to(accelerator.device)
                 timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=s.generator)
                                        for s in specs]).to(accelerator.device)
-                noisy = scheduler.add_noise(latents, noise, timesteps)
+                input_noise = noise
+                if tcfg.input_perturbation:
+                    # Perturb only what the UNet sees; the target stays the original noise.
+                    extra = torch.stack([torch.randn(latents.shape[1:], generator=s.generator) for s in specs])
+                    input_noise = noise + tcfg.input_perturbation * extra.to(noise.device)
+                noisy = scheduler.add_noise(latents, input_noise, timesteps)
                 with accelerator.autocast():
                     hidden = encode_text(captions)
                     pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample

@@ -72,3 +72,13 @@ def test_loss_choices():
     # Huber: quadratic below delta, linear above it (so outliers pull less than with l2).
     torch.testing.assert_close(per_sample_loss(pred, target, "huber", 0.1),
                                torch.tensor([0.5 * 0.05 ** 2, 0.1 * (2.0 - 0.05)]))
+
+
+def test_small_images_are_named_in_a_warning(tmp_path, caplog):
+    from finetune.data import warn_small_images
+
+    _png(tmp_path / "tiny.png", size=(16, 16))
+    _png(tmp_path / "big.png", size=(64, 80))
+    with caplog.at_level(logging.WARNING):
+        warn_small_images(load_examples(str(tmp_path), "{token}", "sks", ""), 64)
+    assert "tiny.png" in caplog.text and "big.png" not in caplog.text

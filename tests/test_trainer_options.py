@@ -46,3 +46,19 @@ def test_bf16_v_prediction_min_snr_run(tmp_path, tiny_components):
     grid = Image.open(tmp_path / "samples" / "step-2.png")
     assert grid.size == (3 * 64, 2 * 64)  # one row per prompt, one column per seed
     assert (tmp_path / "samples" / "step-4.png").is_file()
+
+
+def test_zero_terminal_snr_and_input_perturbation_change_training(tmp_path, tiny_components):
+    """Both options reach the loss: the same seeded run gives a different first-step loss with each."""
+    from finetune.models import load_components
+    from finetune.trainer import run_training
+
+    def first_loss(name, **options):
+        config = make_config("lora", tmp_path / name, **{"train.steps": 1, "output.formats": ["kohya"],
+                                                          "model.prediction_type": "v_prediction", **options})
+        return run_training(config, load_components("tiny")).summary["final_loss"]
+
+    plain = first_loss("plain")
+    assert first_loss("plain_again") == plain
+    assert first_loss("ztsnr", **{"model.zero_terminal_snr": True}) != plain
+    assert first_loss("perturbed", **{"train.input_perturbation": 0.1}) != plain

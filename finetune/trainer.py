@@ -42,14 +42,13 @@ def train(config: RunConfig) -> dict:
 def run_training(config: RunConfig, components: Components | None = None) -> TrainOutcome:
     """Like train(), on already loaded components if given (tests and benchmarks reuse one base)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     config.validate()
     started = time.time()
-    from accelerate.state import AcceleratorState
-
     # accelerate keeps its state in a process-wide singleton; a second run in the same process (library use,
     # tests) with another mixed-precision setting must start from a clean one. The process group is kept.
     AcceleratorState._reset_state(reset_partial_state=False)

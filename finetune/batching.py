@@ -93,6 +93,18 @@ class InstanceBatches:
         self.vae_encodes += 1
         return dist.mean[0].float(), dist.std[0].float()
 
+    def fill_cache(self, desc: str = "caching latents") -> None:
+        """Encode every image (and its mirror when flipping) before training, so no step pays for a VAE
+        encode. Draws no random numbers: the run stays identical to one that fills the cache lazily."""
+        if not self.cache_enabled:
+            return
+        from tqdm.auto import tqdm
+
+        flips = (False, True) if self.random_flip else (False,)
+        keys = [(i, f) for i in range(len(self.examples)) for f in flips if (i, f) not in self._cache]
+        for index, flip in tqdm(keys, desc=desc, disable=len(keys) < 2):
+            self._cache[(index, flip)] = self._encode(SampleSpec(index, flip, torch.Generator()))
+
     def latents(self, specs: list[SampleSpec]) -> torch.Tensor:
         """Scaled latents sampled from each image's VAE posterior (cached mean/std, fresh sample)."""
         out = []

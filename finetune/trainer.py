@@ -109,6 +109,9 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     batches = InstanceBatches(examples, components.vae, components.vae_scale, resolution,
                               center_crop=config.data.center_crop, random_flip=config.data.random_flip,
                               cache_latents=config.data.cache_latents, device=accelerator.device, dtype=weight_dtype)
+    batches.fill_cache()
+    if class_batches is not None:
+        class_batches.fill_cache("caching class latents")
     text_cache: dict[str, torch.Tensor] = {}
     caption_options = CaptionOptions(config.data.caption_dropout, config.data.shuffle_captions,
                                      config.data.keep_tokens)

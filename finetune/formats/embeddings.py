@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from . import file_stem  # noqa: F401 - re-exported: strategies call embeddings.file_stem
+
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 EMB_PARAMS_KEY = "emb_params"
 # A1111 records which CLIP token its embedding stood in for: "*", id 265 in CLIP's vocabulary.
@@ -27,19 +29,6 @@ META_METHOD, META_TOKEN = "sdft_method", "sdft_token"
 METHOD = "textual_inversion"
 # Keys that mark a safetensors file as some other adapter (LoRA, module weights), never a token.
 _MODULE_KEY = re.compile(r"\.(weight|bias|alpha)$|^lora_|\.lora")
-
-
-def file_stem(token: str) -> str:
-    """A file-name-safe spelling of `token` that still reads as one prompt word ('<cat-toy>' -> 'cat-toy').
-
-    A1111/ComfyUI take the embedding's prompt word from its file name, so keep as much of the token as
-    is safe on every OS: letters (any script), digits, '_', '.', '-'; runs of anything else (<>:"/\\|?*,
-    spaces) become '_', and leading/trailing '_', '.', '-' drop.
-    """
-    stem = re.sub(r"[^\w.-]+", "_", token).strip("_.-")
-    if not stem:
-        raise ValueError(f"token {token!r} has no characters usable in a file name")
-    return stem
 
 
 def _plain(vectors: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,13 @@ import torch
 # transformers 5's CLIPTextModel has no `text_model.` level; kohya names still contain it.
 TEXT_ENCODER_PREFIX = "lora_te_text_model_"
 UNET_PREFIX = "lora_unet_"
+# kohya's ss_base_model_version -> Stability's modelspec.architecture (LoRA files append "/lora").
+MODELSPEC_ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
+                           "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
+
+
+def modelspec_architecture(base_version: str) -> str:
+    return MODELSPEC_ARCHITECTURES.get(base_version, "stable-diffusion-v1")
 
 
 def kohya_stem(module_path: str, part: str) -> str:
@@ -37,8 +44,6 @@ def peft_to_kohya(peft_state: dict[str, torch.Tensor], part: str, alpha: float) 
 def kohya_metadata(*, rank: int, alpha: float, base_version: str, resolution: int, steps: int, lr: float,
                    title: str, prediction_type: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` metadata kohya's tools write (all values are strings)."""
-    arch = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
-            "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -50,7 +55,7 @@ def kohya_metadata(*, rank: int, alpha: float, base_version: str, resolution: in
         "ss_learning_rate": str(lr),
         "ss_training_comment": "trained with sdft",
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": arch.get(base_version, "stable-diffusion-v1") + "/lora",
+        "modelspec.architecture": modelspec_architecture(base_version) + "/lora",
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",

@@ -250,15 +250,14 @@ def ldm_to_pipeline_states(pipe, ldm: dict[str, torch.Tensor]) -> dict[str, dict
 
 def default_metadata(pipe) -> dict[str, str]:
     """modelspec keys (Stability's model-spec, read by A1111/ComfyUI/Forge UIs) describing the checkpoint."""
-    from .kohya_lora import base_model_version
+    from .kohya_lora import base_model_version, modelspec_architecture
 
     prediction = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
     version = base_model_version(pipe.unet.config, prediction)
-    arch = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512", "sd_v2_v": "stable-diffusion-v2-768-v"}
     resolution = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
     return {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": arch.get(version, "stable-diffusion-v1"),
+        "modelspec.architecture": modelspec_architecture(version),
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": "sdft fine-tune",
         "modelspec.resolution": f"{resolution}x{resolution}",

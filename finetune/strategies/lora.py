@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..formats import file_stem as shared_file_stem
 from ..formats import kohya_lora
 from .base import StrategyDefaults, register, register_loader
 
@@ -52,8 +53,8 @@ def _adapter_config(rank: int, alpha: float, dropout: float, targets: list[str])
 
 
 def file_stem(token: str) -> str:
-    """A file-name-safe version of the token (A1111/ComfyUI show the file name as the LoRA's name)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", token).strip("_.") or "lora"
+    """The token as a file name (A1111/ComfyUI show the file name as the LoRA's name)."""
+    return shared_file_stem(token, fallback="lora")
 
 
 @register("lora")

@@ -266,6 +266,10 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             "class_images_generated": class_generated,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    # Every rank leaves together. A rank that returned straight after its last loss all-reduce could free the
+    # process group while gloo's worker thread still releases that reduce's tensors: the destructor joins the
+    # worker while holding the GIL, the worker waits for the GIL, and the process hangs at exit (seen in CI).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainOutcome(summary, strategy, components)
 

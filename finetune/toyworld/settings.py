@@ -1,0 +1,57 @@
+"""Settings of the toy-base pretraining and of the quality benchmark (light: the CLI builds flags from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Bench method name -> (strategy, recipe file in recipes/). DreamBooth-LoRA is a recipe, not a strategy.
+BENCH_METHODS = {
+    "textual-inversion": ("textual_inversion", "tiny_textual_inversion.yaml"),
+    "hypernetwork": ("hypernetwork", "tiny_hypernetwork.yaml"),
+    "lora": ("lora", "tiny_lora.yaml"),
+    "dreambooth": ("dreambooth", "tiny_dreambooth.yaml"),
+    "dreambooth-lora": ("lora", "tiny_dreambooth_lora.yaml"),
+}
+
+@dataclass
+class PretrainConfig:
+    """Every knob of the toy-base recipe (defaults = the shipped base)."""
+
+    seed: int = 0
+    images: int = 12_000  # the rendered pool; the VAE and the UNet both learn from it
+    vae_steps: int = 800
+    vae_crop_fraction: float = 0.8  # 32 px crop steps cost ~1/5 of full ones: ~60% of the VAE time on crops
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 1_950
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    unet_min_lr: float = 1e-4
+    unet_warmup: int = 100
+    snr_gamma: float = 5.0
+    empty_caption_rate: float = 0.1
+    max_grad_norm: float = 1.0
+    threads: int = 0  # 0: torch's default
+    device: str = "auto"  # auto: cuda when available (same recipe; bit-exact only on the same device)
+
+
+
+@dataclass
+class QualityBenchConfig:
+    """What `sdft bench quality` runs."""
+
+    output: str = "sdft-output/bench-quality"
+    methods: list[str] = field(default_factory=lambda: list(BENCH_METHODS))
+    priors: list[bool] = field(default_factory=lambda: [False, True])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    concept_colour: str = "orange"
+    instance_images: int = 5
+    samples_per_background: int = 25  # x 4 backgrounds = 100 concept samples per run
+    class_prompts: int = 24
+    samples_per_class_prompt: int = 4  # 96 class samples per run
+    sample_steps: int = 25
+    guidance: float = 5.0
+    steps: int | None = None  # override every recipe's train.steps (smoke runs)
+    recipes: str = "recipes"
+    batch: int = 96

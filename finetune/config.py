@@ -80,6 +80,9 @@ class TrainConfig:
     snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common; unset = off)")
     noise_offset: float = opt(0.0, "noise offset (helps very dark/bright images)")
     input_perturbation: float = opt(0.0, "extra noise on the noised input only (Ning et al. 2023; 0.1 is common)")
+    ema_decay: float = opt(0.0, "keep an exponential moving average of the trained weights with this decay "
+                           "(e.g. 0.999; 0 = off); final samples and exports use the average")
+    ema_on_cpu: bool = opt(False, "keep the average in CPU memory (saves GPU memory, costs a copy per step)")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from .batching import CaptionOptions, InstanceBatches
 from .checkpoint import ADAPTER_FILE, load_trainer_state, resolve_resume, save_checkpoint
 from .config import RunConfig, save_config
 from .data import format_prompt, load_examples, warn_small_images
+from .ema import TrainedWeightsEMA
 from .losses import min_snr_weights, per_sample_loss, prediction_target
 from .models import Components, load_components, resolve_base
 from .prior import ensure_class_images
@@ -126,7 +127,9 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     unet = wrapped[0] if trainable[0] is components.unet else components.unet
     text_encoder = next((w for w, m in zip(wrapped, trainable) if m is components.text_encoder),
                         components.text_encoder)
-    _register_adapter_hooks(accelerator, strategy)
+    trained_params = [p for group in optimizer.param_groups for p in group["params"]]
+    ema = TrainedWeightsEMA(trained_params, tcfg.ema_decay, tcfg.ema_on_cpu) if tcfg.ema_decay > 0 else None
+    _register_adapter_hooks(accelerator, strategy, ema)
     # Parameters reached through hooks (e.g. hypernetworks inside attention processors) never pass through
     # DDP's forward, so DDP does not average their gradients: do it by hand.
     unsynced = [p for m in trainable if m is not components.unet and m is not components.text_encoder
@@ -216,6 +219,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None and accelerator.sync_gradients:
+                    ema.step()
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / tcfg.grad_accum
             step_parts["instance"] += accelerator.reduce(instance_loss.detach(), "mean").item() / tcfg.grad_accum
             if class_batches is not None:
@@ -240,6 +245,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     progress.close()
 
     summary = {}
+    if ema is not None:
+        ema.copy_to_params()  # every rank, so all of them end on the same weights
     if accelerator.is_main_process:
         from .plots import loss_plot
 
@@ -294,19 +301,23 @@ def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
                      return_tensors="pt").input_ids.to(device)
 
 
-def _register_adapter_hooks(accelerator, strategy) -> None:
-    """Make accelerate's save_state/load_state store only the strategy's trained state."""
+def _register_adapter_hooks(accelerator, strategy, ema=None) -> None:
+    """Make accelerate's save_state/load_state store only the strategy's trained state (and its EMA)."""
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             state = {k: v.detach().to("cpu").contiguous() for k, v in strategy.state_dict().items()}
             save_file(state, str(Path(output_dir) / ADAPTER_FILE))
+            if ema is not None:
+                ema.save(Path(output_dir))
         weights.clear()  # the frozen base is not part of a checkpoint
 
     def load_hook(models, input_dir):
         models.clear()
         strategy.load_state_dict(load_file(str(Path(input_dir) / ADAPTER_FILE)))
+        if ema is not None:
+            ema.load(Path(input_dir))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .data import Example, to_training_tensor
 
@@ -71,7 +72,7 @@ class InstanceBatches:
         # A random crop differs each time, so only center crops can be cached.
         self.cache_enabled = cache_latents and center_crop
         self.device, self.dtype = device, dtype
-        self._cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.vae_encodes = 0  # counted so tests and benchmarks can see the cache working
 
     def specs(self, seed: int, micro_step: int, batch_size: int, process_index: int, num_processes: int):
@@ -86,12 +87,20 @@ class InstanceBatches:
         return specs
 
     @torch.no_grad()
-    def _encode(self, spec: SampleSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, spec: SampleSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Posterior mean and std of one sample, and its loss mask (None unless the image carries alpha)."""
         example = self.examples[spec.index]
         pixels = to_training_tensor(example.image, self.resolution, self.center_crop, spec.flip, spec.generator)
+        alpha = None
+        if pixels.shape[0] == 4:  # RGBA from --alpha-mask: the alpha channel becomes a loss mask
+            pixels, alpha = pixels[:3], (pixels[3:] + 1.0) / 2.0
         dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
         self.vae_encodes += 1
-        return dist.mean[0].float(), dist.std[0].float()
+        mask = None
+        if alpha is not None:
+            # Area-average to the latent grid: a latent cell half covered by the subject counts half.
+            mask = F.interpolate(alpha[None], size=dist.mean.shape[-2:], mode="area")[0].to(dist.mean.device)
+        return dist.mean[0].float(), dist.std[0].float(), mask
 
     def fill_cache(self, desc: str = "caching latents") -> None:
         """Encode every image (and its mirror when flipping) before training, so no step pays for a VAE
@@ -107,18 +116,23 @@ class InstanceBatches:
 
     def latents(self, specs: list[SampleSpec]) -> torch.Tensor:
         """Scaled latents sampled from each image's VAE posterior (cached mean/std, fresh sample)."""
-        out = []
+        return self.latents_and_masks(specs)[0]
+
+    def latents_and_masks(self, specs: list[SampleSpec]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents as in latents(), and a (B, 1, h, w) loss mask: alpha where images have it, else ones."""
+        out, masks = [], []
         for spec in specs:
             key = (spec.index, spec.flip)
             if self.cache_enabled and key in self._cache:
-                mean, std = self._cache[key]
+                mean, std, mask = self._cache[key]
             else:
-                mean, std = self._encode(spec)
+                mean, std, mask = self._encode(spec)
                 if self.cache_enabled:
-                    self._cache[key] = (mean, std)
+                    self._cache[key] = (mean, std, mask)
             eps = torch.randn(mean.shape, generator=spec.generator).to(mean.device)
             out.append((mean + std * eps) * self.vae_scale)
-        return torch.stack(out)
+            masks.append(mask if mask is not None else torch.ones((1, *mean.shape[-2:]), device=mean.device))
+        return torch.stack(out), torch.stack(masks)
 
     def captions(self, specs: list[SampleSpec], templates: list[str] | None = None,
                  token: str = "", class_word: str = "", options: CaptionOptions | None = None) -> list[str]:

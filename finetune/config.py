@@ -41,7 +41,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    images: str | None = opt(None, "folder of instance images (captions: img.txt beside img.png)")
+    images: str | None = opt(None, "folder of instance images (captions: img.txt beside img.png, or metadata.jsonl), "
+                             "or a `datasets` image data set saved with save_to_disk (caption column text/caption/prompt)")
     token: str = opt("sks", "the rare word the concept is bound to")
     class_word: str = opt("", "the concept's class, e.g. dog (used in prompts and prior preservation)")
     prompt: str = opt("a photo of {token} {class}", "instance prompt template; caption files override it")
@@ -49,6 +50,8 @@ class DataConfig:
     center_crop: bool = opt(True, "center-crop to a square (else random crop)")
     random_flip: bool = opt(False, "randomly flip images horizontally")
     cache_latents: bool = opt(True, "encode each image with the VAE once, not every step")
+    alpha_mask: bool = opt(False, "use each image's alpha channel as a loss mask: transparent areas are not "
+                           "learned (images without alpha count as opaque)")
     caption_dropout: float = opt(0.0, "probability of training a sample with an empty caption (helps guidance)")
     shuffle_captions: bool = opt(False, "shuffle the comma-separated tags of each caption every time")
     keep_tokens: int = opt(1, "with --shuffle-captions: leading tags that stay in place (e.g. the trigger word)")

@@ -30,8 +30,12 @@ def format_prompt(template: str, token: str, class_word: str) -> str:
     return " ".join(text.split())
 
 
-def open_rgb(path: Path):
-    """Open an image as RGB with EXIF orientation applied and transparency composited on white."""
+def open_rgb(path, keep_alpha: bool = False):
+    """Open an image as RGB with EXIF orientation applied and transparency composited on white.
+
+    With keep_alpha the result is RGBA: the composited colours plus the original alpha (255 where the image
+    has none), which training uses as a loss mask (--alpha-mask).
+    """
     from PIL import Image, ImageOps
 
     with Image.open(path) as img:
@@ -40,15 +44,18 @@ def open_rgb(path: Path):
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgb = Image.alpha_composite(background, rgba).convert("RGB")
+        if keep_alpha:
+            rgb.putalpha(rgba.getchannel("A"))
+        return rgb
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: scale to 8 bits before converting, else everything clips to white.
         import numpy as np
 
         arr = np.asarray(img, dtype=np.float64)
         arr = (arr / max(arr.max(), 1) * 255).astype("uint8")
-        return Image.fromarray(arr, "L").convert("RGB")
-    return img.convert("RGB")
+        img = Image.fromarray(arr, "L")
+    return img.convert("RGBA") if keep_alpha else img.convert("RGB")
 
 
 def warn_small_images(examples: list[Example], resolution: int) -> None:
@@ -60,13 +67,16 @@ def warn_small_images(examples: list[Example], resolution: int) -> None:
 
 
 def load_examples(folder: str | None, prompt_template: str, token: str, class_word: str,
-                  flag: str = "--images") -> list[Example]:
-    """Read every image in `folder` with its caption; skip unreadable files with a warning."""
+                  flag: str = "--images", keep_alpha: bool = False) -> list[Example]:
+    """Read every image in `folder` (an image folder or a `datasets` save_to_disk folder) with its caption;
+    skip unreadable files with a warning."""
     if not folder:
         raise UserError(f"{flag} is required: a folder of training images")
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"{flag} {folder}: no such folder")
+    if is_saved_dataset(root):
+        return load_dataset_examples(root, prompt_template, token, class_word, flag, keep_alpha)
     candidates = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not candidates:
         raise UserError(f"{flag} {folder}: no images found (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -74,7 +84,7 @@ def load_examples(folder: str | None, prompt_template: str, token: str, class_wo
     examples = []
     for path in candidates:
         try:
-            image = open_rgb(path)
+            image = open_rgb(path, keep_alpha)
         except Exception as exc:  # PIL raises many types for broken files
             log.warning("skipping unreadable image %s (%s)", path, exc)
             continue
@@ -85,6 +95,53 @@ def load_examples(folder: str | None, prompt_template: str, token: str, class_wo
                                 from_caption_file=caption is not None))
     if not examples:
         raise UserError(f"{flag} {folder}: none of the {len(candidates)} image files could be read")
+    return examples
+
+
+CAPTION_COLUMNS = ("text", "caption", "prompt", "captions")
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+
+
+def load_dataset_examples(root: Path, prompt_template: str, token: str, class_word: str, flag: str,
+                          keep_alpha: bool = False) -> list[Example]:
+    """Examples from an HF `datasets` image data set on disk: its first Image column, and a caption column
+    named text/caption/prompt when there is one (its {token}/{class} are filled like caption files)."""
+    import io
+
+    from datasets import Image as ImageFeature
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(root))
+    if hasattr(dataset, "keys"):  # a DatasetDict: train on its "train" split (or its only one)
+        splits = list(dataset.keys())
+        dataset = dataset["train"] if "train" in splits else dataset[splits[0]]
+    image_columns = [name for name, feature in dataset.features.items() if isinstance(feature, ImageFeature)]
+    if not image_columns:
+        raise UserError(f"{flag} {root}: the data set has no image column (columns: {', '.join(dataset.features)})")
+    caption_column = next((c for c in CAPTION_COLUMNS if c in dataset.features), None)
+    # Decode to bytes ourselves so EXIF, alpha and 16-bit handling match image folders.
+    raw = dataset.cast_column(image_columns[0], ImageFeature(decode=False))
+    examples = []
+    for index, row in enumerate(raw):
+        name = f"{root.name}[{index}]"
+        try:
+            cell = row[image_columns[0]]
+            source = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]
+            image = open_rgb(source, keep_alpha)
+        except Exception as exc:  # PIL raises many types for broken data
+            log.warning("skipping unreadable image %s (%s)", name, exc)
+            continue
+        caption = row.get(caption_column) if caption_column else None
+        text = format_prompt(caption, token, class_word) if caption else format_prompt(prompt_template, token,
+                                                                                       class_word)
+        examples.append(Example(root / name, image, text, from_caption_file=bool(caption)))
+    if not examples:
+        raise UserError(f"{flag} {root}: none of the {len(raw)} images could be read")
     return examples
 
 
@@ -119,7 +176,10 @@ def read_caption_file(image_path: Path, token: str, class_word: str) -> str | No
 
 
 def to_training_tensor(image, resolution: int, center_crop: bool = True, flip: bool = False, generator=None):
-    """Resize the short side to `resolution`, crop a square, optionally flip; float tensor in [-1, 1]."""
+    """Resize the short side to `resolution`, crop a square, optionally flip; float tensor in [-1, 1].
+
+    An RGBA image gives 4 channels; the alpha channel goes through the same resize, crop and flip.
+    """
     import numpy as np
     import torch
     from PIL import Image

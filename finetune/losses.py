@@ -28,8 +28,12 @@ def min_snr_weights(scheduler, timesteps, gamma: float, prediction_type: str) ->
     return clipped / (ratio + 1.0) if prediction_type == "v_prediction" else clipped / ratio
 
 
-def per_sample_loss(pred, target, kind: str = "l2", huber_delta: float = 0.1) -> torch.Tensor:
-    """Per-sample loss in float32: mean squared error (l2), mean absolute error (l1) or Huber."""
+def per_sample_loss(pred, target, kind: str = "l2", huber_delta: float = 0.1, mask=None) -> torch.Tensor:
+    """Per-sample loss in float32: mean squared error (l2), mean absolute error (l1) or Huber.
+
+    `mask` (B, 1, H, W) weights each latent cell (--alpha-mask): 0 where the image was transparent. As in
+    kohya's masked loss the mean stays over all cells, so a small subject is not up-weighted.
+    """
     pred, target = pred.float(), target.float()
     if kind == "l2":
         loss = F.mse_loss(pred, target, reduction="none")
@@ -39,4 +43,6 @@ def per_sample_loss(pred, target, kind: str = "l2", huber_delta: float = 0.1) ->
         loss = F.huber_loss(pred, target, reduction="none", delta=huber_delta)
     else:
         raise ValueError(f"unknown loss {kind!r}")
+    if mask is not None:
+        loss = loss * mask.to(loss.dtype)
     return loss.mean(dim=tuple(range(1, pred.ndim)))

@@ -63,7 +63,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     resolve_base(config.model.name)  # a bad --model fails here, before any work
 
     # Check the user's input before the slow model load, so mistakes fail in a second.
-    examples = load_examples(config.data.images, config.data.prompt, config.data.token, config.data.class_word)
+    examples = load_examples(config.data.images, config.data.prompt, config.data.token, config.data.class_word,
+                             keep_alpha=config.data.alpha_mask)
     if components is None:
         components = load_components(config.model.name, config.model.single_file_config)
     resolution = config.data.resolution or components.resolution
@@ -174,13 +175,14 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                                   accelerator.num_processes)
             captions = batches.captions(specs, strategy.prompt_templates(), config.data.token,
                                         config.data.class_word, caption_options)
-            latents = batches.latents(specs)
+            latents, masks = batches.latents_and_masks(specs)
             if class_batches is not None:
                 class_specs = class_batches.specs(tcfg.seed + CLASS_SEED_OFFSET, micro_step, tcfg.batch_size,
                                                   accelerator.process_index, accelerator.num_processes)
                 specs = specs + class_specs
                 captions = captions + class_batches.captions(class_specs)
-                latents = torch.cat([latents, class_batches.latents(class_specs)])
+                class_latents, class_masks = class_batches.latents_and_masks(class_specs)
+                latents, masks = torch.cat([latents, class_latents]), torch.cat([masks, class_masks])
             with accelerator.accumulate(*wrapped):
                 latents = latents.to(accelerator.device)
                 noise = torch.stack([torch.randn(latents.shape[1:], generator=s.generator) for s in specs])
@@ -200,7 +202,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                     hidden = encode_text(captions)
                     pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
                 target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
-                losses = per_sample_loss(pred, target, tcfg.loss, tcfg.huber_delta)
+                losses = per_sample_loss(pred, target, tcfg.loss, tcfg.huber_delta,
+                                         masks.to(pred.device) if config.data.alpha_mask else None)
                 if tcfg.snr_gamma:
                     losses = losses * min_snr_weights(scheduler, timesteps, tcfg.snr_gamma, prediction_type)
                 instance_loss = losses[: tcfg.batch_size].mean()

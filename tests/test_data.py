@@ -82,3 +82,93 @@ def test_small_images_are_named_in_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         warn_small_images(load_examples(str(tmp_path), "{token}", "sks", ""), 64)
     assert "tiny.png" in caplog.text and "big.png" not in caplog.text
+
+
+def test_cmyk_palette_and_16_bit_images_become_rgb(tmp_path):
+    import numpy as np
+
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # pure red in CMYK
+    Image.new("P", (8, 8), 3).save(tmp_path / "palette.png")
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit greyscale PNG
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    by_name = {e.path.name: e.image for e in load_examples(str(tmp_path), "{token}", "sks", "")}
+    assert all(image.mode == "RGB" for image in by_name.values())
+    red, green, blue = by_name["cmyk.jpg"].getpixel((4, 4))
+    assert red > 200 and green < 60 and blue < 60
+    deep = np.asarray(by_name["deep.png"])[..., 0]
+    # 16-bit values are scaled, not clipped: the ramp stays a ramp from black to white.
+    assert deep[0, 0] == 0 and deep[7, 7] == 255 and len(np.unique(deep)) > 32
+
+
+def test_alpha_mask_keeps_transparency_as_a_loss_mask(tmp_path):
+    """--alpha-mask: transparent pixels are masked out of the loss, at the latent grid's resolution."""
+    from finetune.batching import InstanceBatches
+    from finetune.models import load_components
+
+    image = Image.new("RGBA", (64, 64), (200, 10, 10, 255))
+    image.paste((0, 0, 0, 0), (0, 0, 32, 64))  # the left half is transparent
+    image.save(tmp_path / "half.png")
+    example = load_examples(str(tmp_path), "{token}", "sks", "", keep_alpha=True)[0]
+    assert example.image.mode == "RGBA"
+    assert example.image.getpixel((0, 0)) == (255, 255, 255, 0)  # colour composited on white, alpha kept
+    assert load_examples(str(tmp_path), "{token}", "sks", "")[0].image.mode == "RGB"
+
+    components = load_components("tiny")
+    batches = InstanceBatches([example], components.vae, components.vae_scale, 64, center_crop=True,
+                              random_flip=False, cache_latents=True, device="cpu", dtype=torch.float32)
+    specs = batches.specs(0, 0, 1, 0, 1)
+    latents, masks = batches.latents_and_masks(specs)
+    assert masks.shape == (1, 1, *latents.shape[-2:])
+    assert torch.all(masks[..., :8] == 0) and torch.all(masks[..., 8:] == 1)  # 16 latent columns, half each
+
+    pred, target = torch.zeros_like(latents), torch.ones_like(latents)
+    changed = pred.clone()
+    changed[..., :8] = 5.0  # a different prediction where the image was transparent...
+    for kind in ("l2", "l1", "huber"):
+        assert torch.equal(per_sample_loss(pred, target, kind, mask=masks),
+                           per_sample_loss(changed, target, kind, mask=masks))  # ...costs nothing
+    assert per_sample_loss(pred, target, "l2", mask=masks).item() == pytest.approx(0.5)
+
+
+def test_alpha_mask_run_trains_only_on_the_opaque_part(tmp_path, star_images):
+    """A run with --alpha-mask on RGBA images finishes and learns something else than one without."""
+    from conftest import make_config
+    from finetune.trainer import run_training
+
+    images = tmp_path / "rgba"
+    images.mkdir()
+    for path in sorted(star_images.glob("*.png"))[:2]:
+        rgba = Image.open(path).convert("RGBA")
+        alpha = Image.new("L", rgba.size, 0)
+        alpha.paste(255, (16, 16, 48, 48))
+        rgba.putalpha(alpha)
+        rgba.save(images / path.name)
+    states = {}
+    for masked in (False, True):
+        config = make_config("lora", tmp_path / f"run-{masked}", images=images, **{
+            "data.alpha_mask": masked, "train.lr": 1e-2, "output.formats": ["kohya"]})
+        outcome = run_training(config)
+        assert torch.isfinite(torch.tensor(outcome.summary["final_loss"]))
+        states[masked] = outcome.strategy.state_dict()
+    assert any(not torch.equal(states[False][k], states[True][k]) for k in states[False])
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    """An HF `datasets` image data set on disk trains like a folder: images decoded, captions from its column."""
+    from datasets import Dataset, DatasetDict
+    from datasets import Image as ImageFeature
+
+    pictures = []
+    for i, colour in enumerate([(200, 10, 10), (10, 200, 10)]):
+        _png(tmp_path / f"{i}.png", colour=colour)
+        pictures.append(str(tmp_path / f"{i}.png"))
+    data = Dataset.from_dict({"image": pictures, "text": ["{token} in red", ""]}).cast_column("image", ImageFeature())
+    DatasetDict({"train": data}).save_to_disk(str(tmp_path / "ds"))
+    examples = load_examples(str(tmp_path / "ds"), "a photo of {token}", "sks", "")
+    assert [e.caption for e in examples] == ["sks in red", "a photo of sks"]
+    assert [e.from_caption_file for e in examples] == [True, False]
+    assert examples[1].image.getpixel((0, 0)) == (10, 200, 10)
+    Dataset.from_dict({"label": [1]}).save_to_disk(str(tmp_path / "no-images"))
+    with pytest.raises(UserError, match="no image column"):
+        load_examples(str(tmp_path / "no-images"), "{token}", "sks", "")

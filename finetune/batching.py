@@ -65,7 +65,7 @@ class InstanceBatches:
     """Builds (latents, captions) batches for one process, with an optional VAE latent cache."""
 
     def __init__(self, examples: list[Example], vae, vae_scale: float, resolution: int, *, center_crop: bool,
-                 random_flip: bool, cache_latents: bool, device, dtype):
+                 random_flip: bool, cache_latents: bool, device, dtype, disk_cache=None):
         self.examples = examples
         self.vae, self.vae_scale = vae, vae_scale
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
@@ -74,6 +74,7 @@ class InstanceBatches:
         self.device, self.dtype = device, dtype
         self._cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.vae_encodes = 0  # counted so tests and benchmarks can see the cache working
+        self.disk_cache = disk_cache if self.cache_enabled else None  # a DiskLatentCache shared across runs
 
     def specs(self, seed: int, micro_step: int, batch_size: int, process_index: int, num_processes: int):
         """The samples this process trains on at `micro_step`."""
@@ -112,7 +113,18 @@ class InstanceBatches:
         flips = (False, True) if self.random_flip else (False,)
         keys = [(i, f) for i in range(len(self.examples)) for f in flips if (i, f) not in self._cache]
         for index, flip in tqdm(keys, desc=desc, disable=len(keys) < 2):
-            self._cache[(index, flip)] = self._encode(SampleSpec(index, flip, torch.Generator()))
+            self._cache[(index, flip)] = self._cached_encode(SampleSpec(index, flip, torch.Generator()))
+
+    def _cached_encode(self, spec: SampleSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """_encode, read from / written to the disk cache when there is one (only for cacheable crops)."""
+        if self.disk_cache is None:
+            return self._encode(spec)
+        key = self.disk_cache.key(self.examples[spec.index].image, spec.flip)
+        found = self.disk_cache.get(key, self.device)
+        if found is None:
+            found = self._encode(spec)
+            self.disk_cache.put(key, *found)
+        return found
 
     def latents(self, specs: list[SampleSpec]) -> torch.Tensor:
         """Scaled latents sampled from each image's VAE posterior (cached mean/std, fresh sample)."""
@@ -126,7 +138,7 @@ class InstanceBatches:
             if self.cache_enabled and key in self._cache:
                 mean, std, mask = self._cache[key]
             else:
-                mean, std, mask = self._encode(spec)
+                mean, std, mask = self._cached_encode(spec)
                 if self.cache_enabled:
                     self._cache[key] = (mean, std, mask)
             eps = torch.randn(mean.shape, generator=spec.generator).to(mean.device)

@@ -50,6 +50,8 @@ class DataConfig:
     center_crop: bool = opt(True, "center-crop to a square (else random crop)")
     random_flip: bool = opt(False, "randomly flip images horizontally")
     cache_latents: bool = opt(True, "encode each image with the VAE once, not every step")
+    latent_cache_dir: str | None = opt(None, "also keep the cached latents on disk here, reused by later runs "
+                                       "(keyed by image pixels, resolution, crop/flip, dtype and VAE weights)")
     alpha_mask: bool = opt(False, "use each image's alpha channel as a loss mask: transparent areas are not "
                            "learned (images without alpha count as opaque)")
     caption_dropout: float = opt(0.0, "probability of training a sample with an empty caption (helps guidance)")

@@ -108,9 +108,16 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         if strategy.trains_text_encoder():
             components.text_encoder.gradient_checkpointing_enable()
 
+    disk_cache = None
+    if config.data.latent_cache_dir and config.data.cache_latents:
+        from .latent_cache import DiskLatentCache
+
+        disk_cache = DiskLatentCache(config.data.latent_cache_dir, components.vae, resolution, config.data.center_crop,
+                                     weight_dtype)
     batches = InstanceBatches(examples, components.vae, components.vae_scale, resolution,
                               center_crop=config.data.center_crop, random_flip=config.data.random_flip,
-                              cache_latents=config.data.cache_latents, device=accelerator.device, dtype=weight_dtype)
+                              cache_latents=config.data.cache_latents, device=accelerator.device, dtype=weight_dtype,
+                              disk_cache=disk_cache)
     batches.fill_cache()
     if class_batches is not None:
         class_batches.fill_cache("caching class latents")

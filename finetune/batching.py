@@ -34,6 +34,16 @@ def global_indices(seed: int, micro_step: int, global_batch: int, n: int) -> lis
     return out
 
 
+def bucket_indices(seed: int, micro_step: int, global_batch: int, groups: list[list[int]]) -> list[int]:
+    """One micro-step's global batch, all from one bucket: the bucket is drawn in proportion to its size,
+    its members in a shuffled order (repeated when the bucket is smaller than the batch)."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 10_007 - 1)
+    weights = torch.tensor([len(g) for g in groups], dtype=torch.float64)
+    group = groups[int(torch.multinomial(weights, 1, generator=gen))]
+    order = torch.randperm(len(group), generator=gen).tolist()
+    return [group[order[j % len(group)]] for j in range(global_batch)]
+
+
 @dataclass
 class CaptionOptions:
     """Per-sample caption augmentation (kohya-style): dropout to empty, tag shuffling."""
@@ -65,7 +75,8 @@ class InstanceBatches:
     """Builds (latents, captions) batches for one process, with an optional VAE latent cache."""
 
     def __init__(self, examples: list[Example], vae, vae_scale: float, resolution: int, *, center_crop: bool,
-                 random_flip: bool, cache_latents: bool, device, dtype, disk_cache=None):
+                 random_flip: bool, cache_latents: bool, device, dtype, disk_cache=None,
+                 sizes: list[tuple[int, int]] | None = None):
         self.examples = examples
         self.vae, self.vae_scale = vae, vae_scale
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
@@ -75,11 +86,22 @@ class InstanceBatches:
         self._cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.vae_encodes = 0  # counted so tests and benchmarks can see the cache working
         self.disk_cache = disk_cache if self.cache_enabled else None  # a DiskLatentCache shared across runs
+        # Aspect-ratio bucketing: each example's (width, height); None trains every image as a square.
+        self.sizes = sizes
+        self.groups: list[list[int]] = []
+        if sizes is not None:
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for index, size in enumerate(sizes):
+                by_size.setdefault(size, []).append(index)
+            self.groups = [by_size[size] for size in sorted(by_size)]
 
     def specs(self, seed: int, micro_step: int, batch_size: int, process_index: int, num_processes: int):
         """The samples this process trains on at `micro_step`."""
         global_batch = batch_size * num_processes
-        indices = global_indices(seed, micro_step, global_batch, len(self.examples))
+        if self.groups:
+            indices = bucket_indices(seed, micro_step, global_batch, self.groups)
+        else:
+            indices = global_indices(seed, micro_step, global_batch, len(self.examples))
         specs = []
         for j in range(process_index * batch_size, (process_index + 1) * batch_size):
             gen = sample_generator(seed, micro_step, j)
@@ -91,7 +113,8 @@ class InstanceBatches:
     def _encode(self, spec: SampleSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Posterior mean and std of one sample, and its loss mask (None unless the image carries alpha)."""
         example = self.examples[spec.index]
-        pixels = to_training_tensor(example.image, self.resolution, self.center_crop, spec.flip, spec.generator)
+        size = self.sizes[spec.index] if self.sizes is not None else self.resolution
+        pixels = to_training_tensor(example.image, size, self.center_crop, spec.flip, spec.generator)
         alpha = None
         if pixels.shape[0] == 4:  # RGBA from --alpha-mask: the alpha channel becomes a loss mask
             pixels, alpha = pixels[:3], (pixels[3:] + 1.0) / 2.0
@@ -119,7 +142,8 @@ class InstanceBatches:
         """_encode, read from / written to the disk cache when there is one (only for cacheable crops)."""
         if self.disk_cache is None:
             return self._encode(spec)
-        key = self.disk_cache.key(self.examples[spec.index].image, spec.flip)
+        size = self.sizes[spec.index] if self.sizes is not None else None
+        key = self.disk_cache.key(self.examples[spec.index].image, spec.flip, size)
         found = self.disk_cache.get(key, self.device)
         if found is None:
             found = self._encode(spec)

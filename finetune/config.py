@@ -48,6 +48,10 @@ class DataConfig:
     prompt: str = opt("a photo of {token} {class}", "instance prompt template; caption files override it")
     resolution: int | None = opt(None, "training resolution in pixels (default: the base's native size)")
     center_crop: bool = opt(True, "center-crop to a square (else random crop)")
+    buckets: bool = opt(False, "aspect-ratio bucketing: train each image near its own shape (sizes in steps of "
+                        "--bucket-step, area <= resolution^2, ratio up to 2:1) instead of a square crop")
+    bucket_step: int = opt(64, "bucket sides are multiples of this (64 for SD; 16 for the tiny base)")
+    bucket_no_upscale: bool = opt(False, "with --buckets: images smaller than the target area keep their size")
     random_flip: bool = opt(False, "randomly flip images horizontally")
     cache_latents: bool = opt(True, "encode each image with the VAE once, not every step")
     latent_cache_dir: str | None = opt(None, "also keep the cached latents on disk here, reused by later runs "
@@ -257,6 +261,12 @@ class RunConfig:
             raise UserError("train.steps, train.batch_size and train.grad_accum must be >= 1")
         if self.train.lr <= 0:
             raise UserError("train.lr must be > 0")
+        if self.data.buckets and self.prior.enabled:
+            # Instance and class latents share one UNet batch, so they would need one size per step.
+            raise UserError("--buckets cannot be combined with prior preservation yet; use --no-prior or "
+                            "square crops")
+        if self.data.buckets and (self.data.bucket_step < 8 or self.data.bucket_step % 8):
+            raise UserError("data.bucket_step must be a multiple of 8 (the VAE's downsampling), e.g. 64")
         if self.prior.enabled and not self.data.class_word and "{class}" in self.prior.class_prompt:
             raise UserError("prior preservation needs --class-word (e.g. dog), or --no-prior")
 

@@ -175,8 +175,10 @@ def read_caption_file(image_path: Path, token: str, class_word: str) -> str | No
     return None
 
 
-def to_training_tensor(image, resolution: int, center_crop: bool = True, flip: bool = False, generator=None):
-    """Resize the short side to `resolution`, crop a square, optionally flip; float tensor in [-1, 1].
+def to_training_tensor(image, resolution: int | tuple[int, int], center_crop: bool = True, flip: bool = False,
+                       generator=None):
+    """Resize to cover `resolution` (a square side, or a (width, height) bucket) keeping the aspect ratio,
+    crop to it, optionally flip; float tensor in [-1, 1].
 
     An RGBA image gives 4 channels; the alpha channel goes through the same resize, crop and flip.
     """
@@ -184,16 +186,17 @@ def to_training_tensor(image, resolution: int, center_crop: bool = True, flip: b
     import torch
     from PIL import Image
 
+    out_w, out_h = (resolution, resolution) if isinstance(resolution, int) else resolution
     w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    scale = max(out_w / w, out_h / h)
+    size = (max(out_w, round(w * scale)), max(out_h, round(h * scale)))
     img = image.resize(size, Image.Resampling.LANCZOS) if size != (w, h) else image
     if center_crop:
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+        left, top = (img.width - out_w) // 2, (img.height - out_h) // 2
     else:
-        left = int(torch.randint(0, img.width - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(0, img.height - resolution + 1, (1,), generator=generator))
-    img = img.crop((left, top, left + resolution, top + resolution))
+        left = int(torch.randint(0, img.width - out_w + 1, (1,), generator=generator))
+        top = int(torch.randint(0, img.height - out_h + 1, (1,), generator=generator))
+    img = img.crop((left, top, left + out_w, top + out_h))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0

@@ -34,8 +34,9 @@ class DiskLatentCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.context = f"{vae_fingerprint(vae)}|{resolution}|{center_crop}|{dtype}"
 
-    def key(self, image, flip: bool) -> str:
-        digest = hashlib.sha256(f"{self.context}|{flip}|{image.mode}|{image.size}".encode())
+    def key(self, image, flip: bool, size: tuple[int, int] | None = None) -> str:
+        """The entry of `image` encoded at the cache's resolution (or at a bucket's `size`)."""
+        digest = hashlib.sha256(f"{self.context}|{flip}|{size}|{image.mode}|{image.size}".encode())
         digest.update(image.tobytes())
         return digest.hexdigest()
 

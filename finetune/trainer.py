@@ -117,7 +117,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     batches = InstanceBatches(examples, components.vae, components.vae_scale, resolution,
                               center_crop=config.data.center_crop, random_flip=config.data.random_flip,
                               cache_latents=config.data.cache_latents, device=accelerator.device, dtype=weight_dtype,
-                              disk_cache=disk_cache)
+                              disk_cache=disk_cache, sizes=_bucket_sizes(config, examples, resolution))
     batches.fill_cache()
     if class_batches is not None:
         class_batches.fill_cache("caching class latents")
@@ -289,6 +289,19 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainOutcome(summary, strategy, components)
+
+
+def _bucket_sizes(config: RunConfig, examples, resolution: int) -> list[tuple[int, int]] | None:
+    """Each example's training size under --buckets (None: square crops at `resolution`)."""
+    if not config.data.buckets:
+        return None
+    from .buckets import assign_bucket, make_buckets
+
+    step = config.data.bucket_step
+    buckets = make_buckets(resolution, step)
+    sizes = [assign_bucket(e.image.size, buckets, resolution, step, config.data.bucket_no_upscale) for e in examples]
+    log.info("aspect-ratio buckets: %s", ", ".join(f"{w}x{h}: {sizes.count((w, h))}" for w, h in sorted(set(sizes))))
+    return sizes
 
 
 def make_optimizer(tcfg, param_groups, device):

@@ -14,7 +14,7 @@ from . import UserError
 
 TINY_NAMES = ("tiny",)
 # Bump when the tiny architecture or its weights change, so stale caches are never reused.
-TINY_VERSION = "v1-random"
+TINY_VERSION = "v2-toyworld"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -41,7 +41,10 @@ def cache_root() -> Path:
 
 
 def tiny_configs() -> dict[str, dict]:
-    """Configs of the tiny SD-architecture base (64 px images, 16x16x4 latents, ~4M-param UNet)."""
+    """Configs of the tiny SD-architecture base (64 px images, 16x16x4 latents, ~4M-param UNet).
+
+    The built-in `tiny` base has these shapes with weights pretrained on the toy world (finetune/toyworld).
+    """
     return {
         "vae": dict(
             in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
@@ -122,23 +125,55 @@ def build_random_pipeline(shape: str = "tiny", seed: int = 0):
     )
 
 
+def shipped_toy_base() -> Path:
+    """The folder of the pretrained toy-world weights shipped in the package (fp16, built by `sdft toy-base`)."""
+    from importlib import resources
+
+    return Path(str(resources.files("finetune") / "assets" / "toy_base"))
+
+
+def build_toy_pipeline(folder: Path):
+    """The toy-world base as a float32 pipeline from its shipped fp16 parts and the offline tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .tokenizer import build_clip_tokenizer
+
+    if not (folder / "unet" / "config.json").exists():
+        raise UserError(f"the built-in toy base is missing from {folder}; reinstall sdft, or rebuild it with "
+                        f"`sdft toy-base --output {folder}`")
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32),
+        tokenizer=build_clip_tokenizer(),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32),
+        scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def tiny_base_folder() -> Path:
-    """A local diffusers folder holding the tiny base, built once and cached."""
+    """A local diffusers folder (float32, tokenizer included) holding the toy base, built once and cached."""
     folder = cache_root() / "bases" / f"tiny-{TINY_VERSION}"
     if (folder / "model_index.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Build into a temporary sibling and rename, so a crash never leaves a half-written base.
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
-    quiet_hf_progress_bars()
-    try:
-        build_random_pipeline("tiny").save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, folder)
-    except OSError:
-        if not (folder / "model_index.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    import fcntl
+
+    # Several processes (torchrun) may ask at once: one builds, the others wait on the lock and reuse it.
+    with open(folder.parent / f".tiny-{TINY_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "model_index.json").exists():
+            return folder
+        # Build into a temporary sibling and rename, so a crash never leaves a half-written base.
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+        quiet_hf_progress_bars()
+        try:
+            build_toy_pipeline(shipped_toy_base()).save_pretrained(tmp, safe_serialization=True)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -17,7 +17,7 @@ TRAINED_FILE = {"lora": "pytorch_lora_weights.safetensors", "hypernetwork": "sks
                 "textual-inversion": "learned_embeds.safetensors", "dreambooth": "sks_dreambooth.safetensors"}
 FORMAT = {"lora": "diffusers", "hypernetwork": "safetensors", "textual-inversion": "diffusers",
           "dreambooth": "single_file"}
-EXTRA = {"textual-inversion": ["--token", "<sks>"], "dreambooth": ["--class-word", "star", "--num-class-images", "2",
+EXTRA = {"textual-inversion": ["--token", "<sks>", "--init-word", "star"], "dreambooth": ["--class-word", "star", "--num-class-images", "2",
                                                                    "--generation-steps", "2", "--lr", "1e-4"]}
 
 

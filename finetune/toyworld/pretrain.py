@@ -149,20 +149,31 @@ def pretrain(cfg: PretrainConfig, output: Path, log=print):
     timings = {}
     started = time.time()
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = build_random_pipeline("tiny", seed=cfg.seed).to(device)
+    if cfg.init_from:
+        from ..models import build_toy_pipeline
+
+        pipe = build_toy_pipeline(Path(cfg.init_from)).to(device)
+    else:
+        pipe = build_random_pipeline("tiny", seed=cfg.seed).to(device)
     pool, scenes = render_pool(cfg.images, cfg.seed)
     timings["render_s"] = round(time.time() - started, 1)
     log(f"rendered {len(pool)} images in {timings['render_s']} s")
 
-    mark = time.time()
-    psnr = train_vae(pipe.vae, pool, cfg, log, device)
-    timings["vae_s"] = round(time.time() - mark, 1)
-    log(f"vae: PSNR {psnr:.2f} dB on held-out images ({timings['vae_s']} s)")
+    psnr = None
+    if not cfg.init_from:
+        mark = time.time()
+        psnr = train_vae(pipe.vae, pool, cfg, log, device)
+        timings["vae_s"] = round(time.time() - mark, 1)
+        log(f"vae: PSNR {psnr:.2f} dB on held-out images ({timings['vae_s']} s)")
+    pipe.vae.eval()
 
     mark = time.time()
     means, stds = encode_pool(pipe.vae, pool, device)
-    # SD's convention: scaled latents have unit variance, so the noise schedule fits them.
-    pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    if not cfg.sample_posterior:
+        stds = torch.zeros_like(stds)
+    if not cfg.init_from:
+        # SD's convention: scaled latents have unit variance, so the noise schedule fits them.
+        pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     timings["encode_s"] = round(time.time() - mark, 1)
     log(f"encoded the pool in {timings['encode_s']} s; scaling_factor {pipe.vae.config.scaling_factor:.4f}")
 
@@ -173,7 +184,7 @@ def pretrain(cfg: PretrainConfig, output: Path, log=print):
 
     output = Path(output)
     save_toy_base(pipe, output)
-    report = {"config": asdict(cfg), "device": device, "vae_psnr_db": round(psnr, 2), "timings": timings,
+    report = {"config": asdict(cfg), "device": device, "vae_psnr_db": psnr and round(psnr, 2), "timings": timings,
               "torch": torch.__version__}
     (output / "pretrain.json").write_text(json.dumps(report, indent=2))
     log(f"saved the toy base to {output} ({timings['total_s']} s in all)")

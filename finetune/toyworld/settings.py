@@ -33,6 +33,8 @@ class PretrainConfig:
     empty_caption_rate: float = 0.1
     max_grad_norm: float = 1.0
     threads: int = 0  # 0: torch's default
+    init_from: str | None = None  # continue from a saved toy base: keep its VAE, train text encoder + UNet further
+    sample_posterior: bool = True  # UNet targets: latents drawn from the VAE posterior (False: its mean)
     device: str = "auto"  # auto: cuda when available (same recipe; bit-exact only on the same device)
 
 
@@ -51,7 +53,7 @@ class QualityBenchConfig:
     class_prompts: int = 24
     samples_per_class_prompt: int = 4  # 96 class samples per run
     sample_steps: int = 25
-    guidance: float = 5.0
+    guidance: float = 7.5  # the toy base follows colour/background words far better at 7.5 than at 5
     steps: int | None = None  # override every recipe's train.steps (smoke runs)
     recipes: str = "recipes"
     batch: int = 96

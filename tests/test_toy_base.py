@@ -1,0 +1,64 @@
+"""The built-in toy-world base knows its world, and the quality benchmark runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+# What the shipped base reaches on this 48-sample spread, minus a margin (measured: see the asset README).
+MIN_ALL_CORRECT = 0.6
+MIN_SHAPE = 0.75
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    from finetune.models import load_pipeline
+
+    pipe = load_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_base_draws_what_its_prompts_ask(toy_pipe):
+    """The base follows its own prompts far above chance (1 in 96 for colour, shape and background together).
+
+    Issue 3 asks for >= 95%; the shipped base is not there yet (see finetune/assets/toy_base/README.md for its
+    measured accuracy): this guards what it reaches, so a broken base, tokenizer or loader fails here.
+    """
+    from finetune.toyworld.bench import class_prompt_set, generate_batched
+    from finetune.toyworld.checker import accuracy
+
+    prompts = class_prompt_set(24)
+    texts = [p for p, *_ in prompts for _ in range(2)]
+    expected = [(c, s, b) for _, c, s, b in prompts for _ in range(2)]
+    seeds = [100 + k for _ in prompts for k in range(2)]
+    images = generate_batched(toy_pipe, texts, seeds, steps=25, guidance=7.5, batch=48)
+    scores = accuracy(images, expected)
+    assert scores["all"] >= MIN_ALL_CORRECT and scores["shape"] >= MIN_SHAPE, scores
+
+
+def test_unknown_word_does_not_make_stars(toy_pipe):
+    """The star is a novel concept: the base never draws one, even when asked for it."""
+    from finetune.toyworld.bench import generate_batched
+    from finetune.toyworld.checker import star_rate
+
+    images = generate_batched(toy_pipe, ["a red star on a white background"] * 16, list(range(16)), steps=25,
+                              guidance=7.5, batch=16)
+    assert star_rate(images) <= 0.1
+
+
+def test_quality_bench_smoke(tmp_path):
+    """Two training steps per condition: the bench writes scores for every run, a table and grids."""
+    from finetune.toyworld.bench import run_quality_bench
+    from finetune.toyworld.settings import QualityBenchConfig
+
+    cfg = QualityBenchConfig(output=str(tmp_path), methods=["lora"], priors=[False], seeds=[0], steps=2,
+                             samples_per_background=2, class_prompts=4, samples_per_class_prompt=1, sample_steps=4)
+    results = run_quality_bench(cfg, log=lambda _: None)
+    run = results["runs"]["lora|prior=0|seed=0"]
+    for key in ("subject_fidelity", "prompt_fidelity", "class_accuracy", "concept_leak", "class_drift"):
+        assert 0.0 <= abs(run[key]) <= 1.0
+    assert json.loads((tmp_path / "results.json").read_text())["runs"].keys() == results["runs"].keys()
+    assert "| lora | off | 1 |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "grid-lora.png").is_file() and len(list((tmp_path / "concept").glob("*.png"))) == 5

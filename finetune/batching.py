@@ -109,12 +109,16 @@ class InstanceBatches:
             specs.append(SampleSpec(indices[j], flip, gen))
         return specs
 
+    def _bucket(self, index: int) -> tuple[int, int] | None:
+        """The (width, height) bucket of an example under --buckets, else None (square crops)."""
+        return self.sizes[index] if self.sizes is not None else None
+
     @torch.no_grad()
     def _encode(self, spec: SampleSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Posterior mean and std of one sample, and its loss mask (None unless the image carries alpha)."""
         example = self.examples[spec.index]
-        size = self.sizes[spec.index] if self.sizes is not None else self.resolution
-        pixels = to_training_tensor(example.image, size, self.center_crop, spec.flip, spec.generator)
+        pixels = to_training_tensor(example.image, self._bucket(spec.index) or self.resolution, self.center_crop,
+                                    spec.flip, spec.generator)
         alpha = None
         if pixels.shape[0] == 4:  # RGBA from --alpha-mask: the alpha channel becomes a loss mask
             pixels, alpha = pixels[:3], (pixels[3:] + 1.0) / 2.0
@@ -142,8 +146,7 @@ class InstanceBatches:
         """_encode, read from / written to the disk cache when there is one (only for cacheable crops)."""
         if self.disk_cache is None:
             return self._encode(spec)
-        size = self.sizes[spec.index] if self.sizes is not None else None
-        key = self.disk_cache.key(self.examples[spec.index].image, spec.flip, size)
+        key = self.disk_cache.key(self.examples[spec.index].image, spec.flip, self._bucket(spec.index))
         found = self.disk_cache.get(key, self.device)
         if found is None:
             found = self._encode(spec)

@@ -137,9 +137,8 @@ def load_dataset_examples(root: Path, prompt_template: str, token: str, class_wo
             log.warning("skipping unreadable image %s (%s)", name, exc)
             continue
         caption = row.get(caption_column) if caption_column else None
-        text = format_prompt(caption, token, class_word) if caption else format_prompt(prompt_template, token,
-                                                                                       class_word)
-        examples.append(Example(root / name, image, text, from_caption_file=bool(caption)))
+        examples.append(Example(root / name, image, format_prompt(caption or prompt_template, token, class_word),
+                                from_caption_file=bool(caption)))
     if not examples:
         raise UserError(f"{flag} {root}: none of the {len(raw)} images could be read")
     return examples

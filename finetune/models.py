@@ -110,19 +110,25 @@ def build_random_pipeline(shape: str = "tiny", seed: int = 0):
     Deterministic for a seed; used for the tiny base and for real-size benchmarks with no download.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tokenizer import build_clip_tokenizer
 
     cfg = RANDOM_SHAPES[shape]()
     torch.manual_seed(seed)
-    return StableDiffusionPipeline(
-        vae=AutoencoderKL(**cfg["vae"]), text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-        tokenizer=build_clip_tokenizer(), unet=UNet2DConditionModel(**cfg["unet"]),
-        scheduler=DDIMScheduler(**cfg["scheduler"]), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _assemble_pipeline(AutoencoderKL(**cfg["vae"]), CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+                              UNet2DConditionModel(**cfg["unet"]), DDIMScheduler(**cfg["scheduler"]))
+
+
+def _assemble_pipeline(vae, text_encoder, unet, scheduler):
+    """A StableDiffusionPipeline of these parts with the offline CLIP tokenizer and no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    from .tokenizer import build_clip_tokenizer
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def shipped_toy_base() -> Path:
@@ -135,21 +141,17 @@ def shipped_toy_base() -> Path:
 def build_toy_pipeline(folder: Path):
     """The toy-world base as a float32 pipeline from its shipped fp16 parts and the offline tokenizer."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
-
-    from .tokenizer import build_clip_tokenizer
 
     if not (folder / "unet" / "config.json").exists():
         raise UserError(f"the built-in toy base is missing from {folder}; reinstall sdft, or rebuild it with "
                         f"`sdft toy-base --output {folder}`")
-    return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32),
-        tokenizer=build_clip_tokenizer(),
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32),
-        scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+    return _assemble_pipeline(
+        AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32),
+        CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32),
+        UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32),
+        DDIMScheduler.from_pretrained(folder / "scheduler"),
     )
 
 

@@ -52,17 +52,19 @@ def bare_step_times(components, strategy, batch_size: int, resolution: int, step
 
 
 def load_base(base: str):
+    """`tiny`, `sd15` (a random SD1.5-shaped pipeline built in memory) or a saved pipeline folder, e.g. the
+    random one benchmarks/real_size.py saves (loading it takes seconds; building it here takes minutes)."""
     from finetune.models import build_random_pipeline, components_from_pipeline, load_components
 
-    if base == "tiny":
-        return load_components("tiny")
-    return components_from_pipeline(build_random_pipeline(base), f"random-{base} (in memory)")
+    if base == "sd15":
+        return components_from_pipeline(build_random_pipeline(base), f"random-{base} (in memory)")
+    return load_components(base)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="lora")
-    parser.add_argument("--base", default="tiny", choices=("tiny", "sd15"))
+    parser.add_argument("--base", default="tiny", help="tiny, sd15 (random, built in memory) or a pipeline folder")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per run (the first is dropped)")
@@ -92,16 +94,29 @@ def main() -> None:
         config.output.sample_seeds = [0]
         config.output.sample_steps = 1
         config.output.formats = []
+        resolution = args.resolution or components.resolution
+        bare_first = repeat % 2 == 1  # alternate which loop runs first: warm caches must not favour one side
+        if bare_first:
+            from finetune.strategies import build_strategy
+
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            strategy = build_strategy(config)
+            strategy.prepare(components)
+            for module in (components.unet, components.text_encoder, *strategy.trainable_modules()):
+                module.to(device)
+            bare = bare_step_times(components, strategy, args.batch_size, resolution, args.steps, device)
+            components = load_base(args.base)  # the trainer gets an untouched base
         outcome = run_training(config, components)
         trainer_step = outcome.summary["median_step_s"]
         device = next(components.unet.parameters()).device
-        resolution = args.resolution or components.resolution
-        bare = bare_step_times(components, outcome.strategy, args.batch_size, resolution, args.steps, device)
+        if not bare_first:
+            bare = bare_step_times(components, outcome.strategy, args.batch_size, resolution, args.steps, device)
         bare_step = statistics.median(bare[1:])
         trainer_medians.append(trainer_step)
         bare_medians.append(bare_step)
         print(json.dumps({"repeat": repeat, "method": args.method, "base": args.base, "resolution": resolution,
-                          "trainer_step_s": round(trainer_step, 4), "bare_step_s": round(bare_step, 4)}), flush=True)
+                          "trainer_step_s": round(trainer_step, 4), "bare_step_s": round(bare_step, 4),
+                          "first": "bare" if bare_first else "trainer"}), flush=True)
     trainer, bare = statistics.median(trainer_medians), statistics.median(bare_medians)
     print(json.dumps({"summary": True, "method": args.method, "base": args.base, "trainer_step_s": round(trainer, 4),
                       "bare_step_s": round(bare, 4), "overhead_ratio": round(trainer / bare, 3)}))

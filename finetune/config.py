@@ -115,7 +115,7 @@ class OutputConfig:
     formats: list[str] = opt([], "export formats (default: all of the method's formats)")
     sample_every: int = opt(0, "write a sample grid every N steps (0 = only at the end)")
     sample_prompts: list[str] = opt([], "prompts for sample grids (default: the instance prompt)")
-    sample_seeds: list[int] = opt([0, 1, 2, 3], "seeds of the sample images")
+    sample_seeds: list[int] = opt([0, 1, 2, 3], "seeds of the sample images (an empty list: no samples)")
     sample_steps: int = opt(25, "denoising steps for samples")
     guidance: float = opt(5.0, "classifier-free guidance scale for samples")
     log_every: int = opt(1, "log loss/lr to tensorboard every N steps")
@@ -261,10 +261,6 @@ class RunConfig:
             raise UserError("train.steps, train.batch_size and train.grad_accum must be >= 1")
         if self.train.lr <= 0:
             raise UserError("train.lr must be > 0")
-        if self.data.buckets and self.prior.enabled:
-            # Instance and class latents share one UNet batch, so they would need one size per step.
-            raise UserError("--buckets cannot be combined with prior preservation yet; use --no-prior or "
-                            "square crops")
         if self.data.buckets and (self.data.bucket_step < 8 or self.data.bucket_step % 8):
             raise UserError("data.bucket_step must be a multiple of 8 (the VAE's downsampling), e.g. 64")
         if self.prior.enabled and not self.data.class_word and "{class}" in self.prior.class_prompt:

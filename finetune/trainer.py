@@ -59,6 +59,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.grad_accum,
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    refuse_sharded_backends(accelerator.distributed_type)
     resume_from = resolve_resume(out, config.output.resume)
     resolve_base(config.model.name)  # a bad --model fails here, before any work
 
@@ -118,9 +119,11 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                               center_crop=config.data.center_crop, random_flip=config.data.random_flip,
                               cache_latents=config.data.cache_latents, device=accelerator.device, dtype=weight_dtype,
                               disk_cache=disk_cache, sizes=_bucket_sizes(config, examples, resolution))
+    fill_started = time.perf_counter()
     batches.fill_cache()
     if class_batches is not None:
         class_batches.fill_cache("caching class latents")
+    cache_fill_s = time.perf_counter() - fill_started
     text_cache: dict[str, torch.Tensor] = {}
     caption_options = CaptionOptions(config.data.caption_dropout, config.data.shuffle_captions,
                                      config.data.keep_tokens)
@@ -169,6 +172,31 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
 
         scheduler = DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)
     num_timesteps = scheduler.config.num_train_timesteps
+
+    def _sample_losses(latents: torch.Tensor, masks: torch.Tensor, specs, captions: list[str]) -> torch.Tensor:
+        """Per-sample (weighted) losses of one UNet call; noise and timesteps come from each sample's generator."""
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=s.generator) for s in specs])
+        if tcfg.noise_offset:
+            offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=s.generator) for s in specs])
+            noise = noise + tcfg.noise_offset * offset
+        noise = noise.to(accelerator.device)
+        timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=s.generator)
+                               for s in specs]).to(accelerator.device)
+        input_noise = noise
+        if tcfg.input_perturbation:
+            # Perturb only what the UNet sees; the target stays the original noise.
+            extra = torch.stack([torch.randn(latents.shape[1:], generator=s.generator) for s in specs])
+            input_noise = noise + tcfg.input_perturbation * extra.to(noise.device)
+        noisy = scheduler.add_noise(latents, input_noise, timesteps)
+        with accelerator.autocast():
+            hidden = encode_text(captions)
+            pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
+        target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
+        losses = per_sample_loss(pred, target, tcfg.loss, tcfg.huber_delta,
+                                 masks.to(pred.device) if config.data.alpha_mask else None)
+        if tcfg.snr_gamma:
+            losses = losses * min_snr_weights(scheduler, timesteps, tcfg.snr_gamma, prediction_type)
+        return losses
     progress = tqdm(total=tcfg.steps, initial=start_step, desc=f"sdft {config.method}",
                     disable=not accelerator.is_local_main_process)
     step_times: list[float] = []
@@ -189,30 +217,22 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                 specs = specs + class_specs
                 captions = captions + class_batches.captions(class_specs)
                 class_latents, class_masks = class_batches.latents_and_masks(class_specs)
-                latents, masks = torch.cat([latents, class_latents]), torch.cat([masks, class_masks])
+                if class_latents.shape[1:] == latents.shape[1:]:
+                    latents, masks = torch.cat([latents, class_latents]), torch.cat([masks, class_masks])
+                else:  # --buckets: a non-square instance bucket next to square class images
+                    latents, masks = [latents, class_latents], [masks, class_masks]
+            # One UNet call per latent size (usually one); per-sample losses come back in `specs` order.
+            latent_parts = latents if isinstance(latents, list) else [latents]
+            mask_parts = masks if isinstance(masks, list) else [masks]
             with accelerator.accumulate(*wrapped):
-                latents = latents.to(accelerator.device)
-                noise = torch.stack([torch.randn(latents.shape[1:], generator=s.generator) for s in specs])
-                if tcfg.noise_offset:
-                    offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=s.generator) for s in specs])
-                    noise = noise + tcfg.noise_offset * offset
-                noise = noise.to(accelerator.device)
-                timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=s.generator)
-                                       for s in specs]).to(accelerator.device)
-                input_noise = noise
-                if tcfg.input_perturbation:
-                    # Perturb only what the UNet sees; the target stays the original noise.
-                    extra = torch.stack([torch.randn(latents.shape[1:], generator=s.generator) for s in specs])
-                    input_noise = noise + tcfg.input_perturbation * extra.to(noise.device)
-                noisy = scheduler.add_noise(latents, input_noise, timesteps)
-                with accelerator.autocast():
-                    hidden = encode_text(captions)
-                    pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
-                target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
-                losses = per_sample_loss(pred, target, tcfg.loss, tcfg.huber_delta,
-                                         masks.to(pred.device) if config.data.alpha_mask else None)
-                if tcfg.snr_gamma:
-                    losses = losses * min_snr_weights(scheduler, timesteps, tcfg.snr_gamma, prediction_type)
+                losses, first = [], 0
+                for part_latents, part_masks in zip(latent_parts, mask_parts):
+                    part_specs = specs[first:first + len(part_latents)]
+                    part_captions = captions[first:first + len(part_latents)]
+                    first += len(part_latents)
+                    losses.append(_sample_losses(part_latents.to(accelerator.device), part_masks, part_specs,
+                                                 part_captions))
+                losses = torch.cat(losses)
                 instance_loss = losses[: tcfg.batch_size].mean()
                 loss = instance_loss
                 if class_batches is not None:
@@ -275,6 +295,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             "final_loss_avg10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "wall_time_s": round(time.time() - started, 2),
             "median_step_s": round(sorted(step_times)[len(step_times) // 2], 4) if step_times else None,
+            "train_loop_s": round(sum(step_times), 3),  # the steps of this call (after a resume: only those)
+            "cache_fill_s": round(cache_fill_s, 3),  # VAE encodes before step 1 (latent cache)
             "config": str(out / "config.yaml"),
             "samples": samples,
             "loss_plot": str(out / "loss.png"),
@@ -289,6 +311,19 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainOutcome(summary, strategy, components)
+
+
+def refuse_sharded_backends(distributed_type) -> None:
+    """Fail in a second, with the way out, when accelerate is configured for FSDP or DeepSpeed.
+
+    The loop prepares several models without a data loader and reduces some gradients by hand (hook-held
+    adapters), which neither backend supports as is; plain data parallel (DDP) covers every method here."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(f"accelerate is configured for {distributed_type.value}, which sdft does not support yet; "
+                        "run `accelerate config` again and choose multi-GPU without FSDP/DeepSpeed (data "
+                        "parallel), which every sdft method uses (README: Multi-process)")
 
 
 def _bucket_sizes(config: RunConfig, examples, resolution: int) -> list[tuple[int, int]] | None:
@@ -348,8 +383,8 @@ def _register_adapter_hooks(accelerator, strategy, ema=None) -> None:
 
 def _write_samples(accelerator, config, components, strategy, text_encoder, unet, out: Path, step: int,
                    resolution: int) -> str | None:
-    """Generate the sample prompts on fixed seeds and save them as one grid PNG."""
-    if not accelerator.is_main_process:
+    """Generate the sample prompts on fixed seeds and save them as one grid PNG (no seeds: no samples)."""
+    if not accelerator.is_main_process or not config.output.sample_seeds:
         return None
     from .inference import generate, pipeline_from_components
     from .plots import image_grid

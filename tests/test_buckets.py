@@ -50,3 +50,34 @@ def test_each_batch_comes_from_one_bucket_and_trains(tmp_path):
         "output.formats": ["kohya"]})
     summary = run_training(config).summary
     assert torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
+def _first_scalar(run_dir, tag: str) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((run_dir / "logs").rglob("events.out.tfevents*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    return acc.Scalars(tag)[0].value
+
+
+def test_buckets_work_with_prior_preservation(tmp_path):
+    """Wide instance images train in their own bucket next to square class images (two UNet calls per
+    step): the instance loss is exactly the one of a run without prior, and the prior loss is real."""
+    from finetune.trainer import run_training
+
+    images = tmp_path / "wide"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (96, 64), (60 * i, 120, 200)).save(images / f"{i}.png")
+    settings = {"data.buckets": True, "data.bucket_step": 16, "train.steps": 1, "train.batch_size": 2,
+                "output.formats": ["kohya"]}
+    with_prior = make_config("lora", tmp_path / "prior", images=images,
+                             **{**settings, "prior.enabled": True, "prior.weight": 0.5})
+    run_training(with_prior)
+    without = make_config("lora", tmp_path / "plain", images=images, **{**settings, "prior.enabled": False})
+    run_training(without)
+    instance = _first_scalar(tmp_path / "prior", "loss_instance")
+    assert abs(instance - _first_scalar(tmp_path / "plain", "loss")) < 1e-6
+    prior = _first_scalar(tmp_path / "prior", "loss_prior")
+    assert prior > 0 and abs(_first_scalar(tmp_path / "prior", "loss") - (instance + 0.5 * prior)) < 1e-5

@@ -50,3 +50,18 @@ def test_two_processes_match_one(tmp_path, method):
     for key in want:
         # Equal up to the order of floating-point reductions across processes.
         torch.testing.assert_close(got[key], want[key], atol=5e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("backend", ["FSDP", "DEEPSPEED"])
+def test_sharded_backends_are_refused_with_the_way_out(backend):
+    """An `accelerate config` that picked FSDP or DeepSpeed fails at once with what to choose instead,
+    not with an obscure error deep in the first step."""
+    from accelerate.utils import DistributedType
+
+    from finetune import UserError
+    from finetune.trainer import refuse_sharded_backends
+
+    with pytest.raises(UserError, match="data parallel"):
+        refuse_sharded_backends(getattr(DistributedType, backend))
+    refuse_sharded_backends(DistributedType.MULTI_GPU)  # plain DDP: fine
+    refuse_sharded_backends(DistributedType.NO)

@@ -1,0 +1,91 @@
+"""Epoch time with and without VAE latent caching, on an SD1.5-shaped random pipeline (no download).
+
+    python benchmarks/latent_cache.py --resolution 256 --epochs 2 --repeats 3
+
+Trains LoRA (attn, rank 4, batch 1, fp32) for `--epochs` epochs over the DreamBooth dog photos
+(../shared/dreambooth/dog, 5 images) in three modes, each on a fresh copy of the same random pipeline:
+
+- `off`:    --no-cache-latents: every step encodes its image with the VAE
+- `memory`: the default: every image is encoded once before step 1, epochs reuse the latents
+- `disk`:   --latent-cache-dir already filled by an earlier run: no encode at all
+
+and reports, per mode, the first epoch (cache fill included) and a later epoch (steps only), as medians
+over repeats. One JSON line per run, then a summary line per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOG = REPO.parent / "shared" / "dreambooth" / "dog"
+
+
+def run_mode(components, mode: str, images: Path, resolution: int, epochs: int, cache_dir: Path) -> dict:
+    """One LoRA run in `mode`; returns the trainer's timings split into epochs."""
+    from finetune.config import RunConfig
+    from finetune.trainer import run_training
+
+    count = len([p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")])
+    config = RunConfig.for_method("lora")
+    config.data.images = str(images)
+    config.data.class_word = "dog"
+    config.data.resolution = resolution
+    config.data.random_flip = False  # one latent per image, so "an epoch" means the same work in every mode
+    config.data.cache_latents = mode != "off"
+    config.data.latent_cache_dir = str(cache_dir) if mode == "disk" else None
+    config.train.steps = epochs * count
+    config.train.batch_size = 1
+    config.train.lr = 1e-5
+    config.prior.enabled = False
+    config.output.output = tempfile.mkdtemp(prefix=f"sdft-cache-{mode}-")
+    config.output.sample_seeds = []
+    config.output.formats = []
+    summary = run_training(config, copy.deepcopy(components)).summary
+    later_epoch = summary["train_loop_s"] / epochs
+    return {"mode": mode, "images": count, "vae_encodes": summary["vae_encodes"],
+            "cache_fill_s": summary["cache_fill_s"], "first_epoch_s": round(summary["cache_fill_s"] + later_epoch, 2),
+            "later_epoch_s": round(later_epoch, 2), "median_step_s": summary["median_step_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=Path, default=DOG)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate picks)")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        import os
+
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+    from finetune.models import build_random_pipeline, components_from_pipeline
+
+    components = components_from_pipeline(build_random_pipeline("sd15"), "random-sd15 (in memory)")
+    cache_dir = Path(tempfile.mkdtemp(prefix="sdft-latents-"))
+    # Fill the disk cache once, untimed, so the `disk` mode measures a warm cache.
+    run_mode(components, "disk", args.images, args.resolution, 1, cache_dir)
+    rows: dict[str, list[dict]] = {"off": [], "memory": [], "disk": []}
+    for repeat in range(args.repeats):
+        for mode in rows:
+            row = run_mode(components, mode, args.images, args.resolution, args.epochs, cache_dir)
+            rows[mode].append(row)
+            print(json.dumps({"repeat": repeat, **row}), flush=True)
+    off_later = statistics.median(r["later_epoch_s"] for r in rows["off"])
+    for mode, runs in rows.items():
+        first = statistics.median(r["first_epoch_s"] for r in runs)
+        later = statistics.median(r["later_epoch_s"] for r in runs)
+        print(json.dumps({"summary": True, "mode": mode, "resolution": args.resolution, "first_epoch_s": first,
+                          "later_epoch_s": later, "later_epoch_vs_off": round(later / off_later, 3),
+                          "vae_encodes": runs[0]["vae_encodes"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=Path, default=DOG)
+    parser.add_argument("--base-dir", type=Path, default=Path(tempfile.gettempdir()) / "sdft-random-sd15",
+                        help="the random SD1.5-shaped pipeline, saved once (shared with real_size.py)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate picks)")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -66,9 +68,10 @@ def main() -> None:
 
         os.environ["ACCELERATE_USE_CPU"] = "true"
 
-    from finetune.models import build_random_pipeline, components_from_pipeline
+    from finetune.models import load_components
+    from real_size import ensure_base
 
-    components = components_from_pipeline(build_random_pipeline("sd15"), "random-sd15 (in memory)")
+    components = load_components(str(ensure_base(args.base_dir)))
     cache_dir = Path(tempfile.mkdtemp(prefix="sdft-latents-"))
     # Fill the disk cache once, untimed, so the `disk` mode measures a warm cache.
     run_mode(components, "disk", args.images, args.resolution, 1, cache_dir)

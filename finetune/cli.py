@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import os
 import sys
 import types
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "~30 min on 2 CPU cores)", allow_abbrev=False)
     p.add_argument("--output", required=True, help="folder for the fp16 diffusers pipeline")
     _add_dataclass_flags(p, PretrainConfig)
+    p = sub.add_parser("score-base", help="how well a toy-world base draws its own 96 prompts (colour, shape, "
+                       "background by the analytic checker)", allow_abbrev=False)
+    p.add_argument("model", nargs="?", default="tiny", help="base folder (default: the built-in tiny base)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[7], help="sampling seeds per prompt (default: 7)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--grid", default=None, help="also save every sample as one PNG grid here")
     p = sub.add_parser("generate", help="generate images with a base model and adapters", allow_abbrev=False)
     p.add_argument("--model", default="tiny", help="base model (as for training)")
     p.add_argument("--model-config", default=None, help="configs for a single-file --model")
@@ -207,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             from .toyworld.settings import PretrainConfig
 
             pretrain(_dataclass_from_args(PretrainConfig, args), args.output)
+            return 0
+        if args.command == "score-base":
+            from .toyworld.bench import score_base
+
+            print(json.dumps(score_base(args.model, args.seeds, args.guidance, args.grid)))
             return 0
         config = load_recipe(args.recipe, args.overrides) if args.command == "train" else config_from_args(args)
         from .trainer import train

@@ -58,6 +58,25 @@ def generate_batched(pipe, prompts: list[str], seeds: list[int], steps: int, gui
     return images
 
 
+def score_base(model: str = "tiny", seeds: list[int] = (7,), guidance: float = 7.5, grid: str | None = None,
+               steps: int = 25) -> dict[str, float]:
+    """Accuracy of a toy-world base on its 96 prompts "a {colour} {shape} on a {background} background"."""
+    from ..models import build_toy_pipeline, load_pipeline
+    from .checker import accuracy
+
+    folder = Path(model)
+    toy_folder = (folder / "unet").is_dir() and not (folder / "model_index.json").exists()  # as `sdft toy-base` saves
+    pipe = build_toy_pipeline(folder) if toy_folder else load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = world_prompts()
+    texts = [p for p, *_ in prompts for _ in seeds]
+    expected = [(c, s, b) for _, c, s, b in prompts for _ in seeds]
+    images = generate_batched(pipe, texts, [seed for _ in prompts for seed in seeds], steps, guidance, batch=96)
+    if grid:
+        _grid(images, 12).save(grid)
+    return {**accuracy(images, expected), "samples": len(images)}
+
+
 def evaluate(pipe, token: str, cfg: QualityBenchConfig) -> tuple[dict, list]:
     """Score one pipeline; returns the scores and the concept images (for grids)."""
     from .checker import check
@@ -146,6 +165,8 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
                               class_drift=round(results["base"]["class_accuracy"] - scores["class_accuracy"], 4))
                 results["runs"][key] = scores
                 results_path.write_text(json.dumps(results, indent=2))
+                # Every concept image in one sheet (a row per background), to hold the checker's counts against.
+                _grid(images, cfg.samples_per_background).save(out / "runs" / key.replace("|", "_") / "concept-sheet.png")
                 log(f"{key}: {scores}")
                 if seed == cfg.seeds[0]:
                     grid_rows += images[:: cfg.samples_per_background][:4] + images[1:: cfg.samples_per_background][:4]
@@ -162,12 +183,14 @@ def quality_table(results: dict) -> str:
     for key, scores in results["runs"].items():
         method, prior, _ = key.split("|")
         groups.setdefault((method, prior.split("=")[1]), []).append(scores)
-    columns = ["subject_fidelity", "prompt_fidelity", "class_accuracy", "class_drift", "concept_leak", "train_s"]
+    columns = ["subject_fidelity", "star_any_colour", "prompt_fidelity", "class_accuracy", "class_drift",
+               "concept_leak", "train_s"]
     base = results.get("base", {})
     lines = ["| method | prior | seeds | " + " | ".join(columns) + " |",
              "|---|---|---|" + "---|" * len(columns),
              f"| base (no training) | - | - | {base.get('subject_fidelity', 0):.2f} | "
-             f"{base.get('prompt_fidelity', 0):.2f} | {base.get('class_accuracy', 0):.2f} | 0 | "
+             f"{base.get('star_any_colour', 0):.2f} | {base.get('prompt_fidelity', 0):.2f} | "
+             f"{base.get('class_accuracy', 0):.2f} | 0 | "
              f"{base.get('concept_leak', 0):.2f} | - |"]
     for (method, prior), runs in groups.items():
         cells = []

@@ -296,6 +296,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             "wall_time_s": round(time.time() - started, 2),
             "median_step_s": round(sorted(step_times)[len(step_times) // 2], 4) if step_times else None,
             "train_loop_s": round(sum(step_times), 3),  # the steps of this call (after a resume: only those)
+            "first_step_s": round(step_times[0], 4) if step_times else None,  # warm-up: allocations, first kernels
             "cache_fill_s": round(cache_fill_s, 3),  # VAE encodes before step 1 (latent cache)
             "config": str(out / "config.yaml"),
             "samples": samples,

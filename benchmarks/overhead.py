@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -117,6 +118,10 @@ def main() -> None:
         print(json.dumps({"repeat": repeat, "method": args.method, "base": args.base, "resolution": resolution,
                           "trainer_step_s": round(trainer_step, 4), "bare_step_s": round(bare_step, 4),
                           "first": "bare" if bare_first else "trainer"}), flush=True)
+        # Free this repeat's models before the next one loads: at SD1.5 shape a DreamBooth repeat holds ~14 GB
+        # (weights, gradients, AdamW state), and two of them exceed a 24 GB machine.
+        outcome = strategy = components = None
+        gc.collect()
     trainer, bare = statistics.median(trainer_medians), statistics.median(bare_medians)
     # Each repeat pairs the two loops on the same base within minutes; the median of those paired ratios is less
     # exposed to this VM's drifting speed than the ratio of the two medians (which mixes repeats).

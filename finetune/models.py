@@ -179,12 +179,20 @@ def tiny_base_folder() -> Path:
     return folder
 
 
+def is_toy_base_folder(path: Path) -> bool:
+    """True for a folder as `sdft toy-base` writes it: model parts and pretrain.json, no model_index.json."""
+    return ((path / "pretrain.json").exists() and (path / "unet" / "config.json").exists()
+            and not (path / "model_index.json").exists())
+
+
 def resolve_base(name: str) -> str:
-    """Map --model to something from_pretrained/from_single_file opens, or raise a UserError."""
+    """Map --model to something load_pipeline opens, or raise a UserError."""
     if name in TINY_NAMES:
         return str(tiny_base_folder())
     path = Path(name).expanduser()
     if path.is_dir():
+        if is_toy_base_folder(path):
+            return str(path)  # load_pipeline assembles it with the offline tokenizer
         if not (path / "model_index.json").exists():
             raise UserError(f"--model {name}: folder has no model_index.json; pass a diffusers pipeline folder "
                             "(saved with save_pretrained), a .safetensors checkpoint, a hub id, or 'tiny'")
@@ -205,6 +213,9 @@ def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = 
 
     source = resolve_base(name)
     quiet_hf_progress_bars()
+    if is_toy_base_folder(Path(source)):
+        pipe = build_toy_pipeline(Path(source))
+        return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
     kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False)
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype

@@ -62,3 +62,23 @@ def test_quality_bench_smoke(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["runs"].keys() == results["runs"].keys()
     assert "| lora | off | 1 |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "grid-lora.png").is_file() and len(list((tmp_path / "concept").glob("*.png"))) == 5
+
+
+def test_folder_from_toy_base_command_loads_as_a_model(tmp_path, toy_pipe):
+    """`sdft toy-base --output DIR` writes parts without model_index.json; --model DIR must still open it."""
+    import shutil
+
+    import torch
+
+    from finetune import UserError
+    from finetune.models import load_pipeline, resolve_base, shipped_toy_base
+
+    folder = tmp_path / "base"
+    shutil.copytree(shipped_toy_base(), folder, ignore=shutil.ignore_patterns("*.md", "pretrain-stage*.json"))
+    with pytest.raises(UserError, match="model_index.json"):
+        resolve_base(str(folder))  # parts alone could be any broken folder: refused with a clear message
+    (folder / "pretrain.json").write_text("{}")  # what marks a folder written by `sdft toy-base`
+    pipe = load_pipeline(str(folder))
+    for name, value in toy_pipe.unet.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[name], value)
+    assert pipe.tokenizer("a red circle").input_ids == toy_pipe.tokenizer("a red circle").input_ids

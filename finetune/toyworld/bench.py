@@ -61,12 +61,10 @@ def generate_batched(pipe, prompts: list[str], seeds: list[int], steps: int, gui
 def score_base(model: str = "tiny", seeds: list[int] = (7,), guidance: float = 7.5, grid: str | None = None,
                steps: int = 25) -> dict[str, float]:
     """Accuracy of a toy-world base on its 96 prompts "a {colour} {shape} on a {background} background"."""
-    from ..models import build_toy_pipeline, load_pipeline
+    from ..models import load_pipeline
     from .checker import accuracy
 
-    folder = Path(model)
-    toy_folder = (folder / "unet").is_dir() and not (folder / "model_index.json").exists()  # as `sdft toy-base` saves
-    pipe = build_toy_pipeline(folder) if toy_folder else load_pipeline(model)
+    pipe = load_pipeline(model)  # also opens a folder straight from `sdft toy-base`
     pipe.set_progress_bar_config(disable=True)
     prompts = world_prompts()
     texts = [p for p, *_ in prompts for _ in seeds]

@@ -101,6 +101,8 @@ class PriorConfig:
                                    "default: a cache folder keyed by base, prompt, resolution and seed")
     num_class_images: int = opt(100, "class images to use (generated when fewer exist)")
     class_prompt: str = opt("a photo of {class}", "prompt of the class images ({class} = --class-word)")
+    class_prompts: list[str] = opt([], "several class prompts, cycled over the generated class images (each image "
+                                   "keeps its prompt as a .txt caption, kohya-style); default: class_prompt alone")
     weight: float = opt(1.0, "weight of the prior loss", flag="prior-weight")
     generation_steps: int = opt(25, "denoising steps per generated class image")
     generation_batch: int = opt(4, "class images generated per pipeline call")

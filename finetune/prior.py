@@ -13,15 +13,17 @@ from .models import cache_root
 log = logging.getLogger(__name__)
 
 
-def class_prompt(config) -> str:
-    return format_prompt(config.prior.class_prompt, config.data.token, config.data.class_word)
+def class_prompts(config) -> list[str]:
+    """The prompts the class images are generated from, {token}/{class} filled in."""
+    templates = config.prior.class_prompts or [config.prior.class_prompt]
+    return [format_prompt(t, config.data.token, config.data.class_word) for t in templates]
 
 
 def class_image_folder(config, base_source: str, resolution: int) -> Path:
     """The user's --class-images folder, or a cache folder keyed by everything that shapes the images."""
     if config.prior.class_images:
         return Path(config.prior.class_images).expanduser()
-    key = json.dumps({"base": base_source, "prompt": class_prompt(config), "resolution": resolution,
+    key = json.dumps({"base": base_source, "prompt": prompts[0] if len(prompts := class_prompts(config)) == 1 else prompts, "resolution": resolution,
                       "seed": config.train.seed, "steps": config.prior.generation_steps,
                       "guidance": config.output.guidance}, sort_keys=True)
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -51,21 +53,26 @@ def ensure_class_images(config, components, resolution: int, accelerator) -> tup
         folder.mkdir(parents=True, exist_ok=True)
         pipe = pipeline_from_components(components)
         pipe.set_progress_bar_config(disable=True)
-        prompt = class_prompt(config)
-        bar = tqdm(total=wanted - have, desc=f"class images '{prompt}'")
+        prompts = class_prompts(config)
+        label = prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts"
+        bar = tqdm(total=wanted - have, desc=f"class images '{label}'")
         index = have
         while index < wanted:
             n = min(config.prior.generation_batch, wanted - index)
-            # One generator per image, seeded by its index: the set does not depend on batch size.
+            # Prompt and generator depend only on the image's index: the set does not depend on batch size.
+            batch_prompts = [prompts[(index + i) % len(prompts)] for i in range(n)]
             gens = [torch.Generator().manual_seed(config.train.seed * 100_003 + index + i) for i in range(n)]
             with torch.no_grad(), accelerator.autocast():
-                images = pipe([prompt] * n, num_inference_steps=config.prior.generation_steps,
+                images = pipe(batch_prompts, num_inference_steps=config.prior.generation_steps,
                               guidance_scale=config.output.guidance, generator=gens, height=resolution,
                               width=resolution).images
             for i, image in enumerate(images):
-                tmp = folder / f".class-{index + i:05d}.png"
+                name = f"class-{index + i:05d}"
+                # The caption first, then the image by an atomic rename: an image never lacks its prompt.
+                (folder / f"{name}.txt").write_text(batch_prompts[i])
+                tmp = folder / f".{name}.png"
                 image.save(tmp)
-                tmp.rename(folder / f"class-{index + i:05d}.png")  # never leave a half-written image
+                tmp.rename(folder / f"{name}.png")
             index += n
             generated += n
             bar.update(n)

@@ -1,0 +1,114 @@
+"""Where a training step's time goes: the trainer's loop vs the bare loop of overhead.py, by function.
+
+    python benchmarks/profile_step.py --method lora --base /tmp/sdft-random-sd15 --resolution 256 --steps 6
+
+Runs both loops under cProfile on the same base and prints, for a fixed list of the functions a step is made
+of (UNet forward, backward, optimizer, clipping, text encoder, ...), the seconds per step each loop spends
+in them, and the step time neither list explains. Used to explain an overhead ratio above 1.10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import tempfile
+import time
+
+from overhead import REPO, bare_step_times, load_base
+
+# (label, file suffix, function name) as cProfile names them; cumulative time, so nested entries overlap.
+PARTS = [
+    ("unet forward", "unet_2d_condition.py", "forward"),
+    ("autograd backward", "graph.py", "_engine_run_backward"),
+    ("optimizer step", "adam.py", "adam"),
+    ("clip grad norm", "clip_grad.py", "clip_grad_norm_"),
+    ("text encoder forward", "modeling_clip.py", "forward"),
+    ("tokenizer", "tokenization_utils_base.py", "__call__"),
+    ("vae encode", "autoencoder_kl.py", "encode"),
+    ("add noise", "scheduling_ddpm.py", "add_noise"),
+    ("lr scheduler", "lr_scheduler.py", "step"),
+    ("accelerate backward", "accelerator.py", "backward"),
+    ("tensorboard / trackers", "accelerator.py", "log"),
+    ("tqdm", "std.py", "update"),
+    ("min-SNR weights", "losses.py", "min_snr_weights"),
+]
+
+
+def part_seconds(profile: cProfile.Profile) -> dict[str, float]:
+    """Cumulative seconds of each PARTS entry (the outermost call only for recursive functions)."""
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, primitive, tottime, cumtime, callers)}
+    found: dict[str, float] = {}
+    for label, file_suffix, name in PARTS:
+        total = 0.0
+        for (file, _, func), (_, _, _, cumtime, _) in stats.items():
+            if func == name and file.endswith(file_suffix):
+                # modeling_clip has several forward()s nested in each other: keep the largest (the outermost).
+                total = max(total, cumtime) if file_suffix == "modeling_clip.py" else total + cumtime
+        found[label] = total
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--base", default="tiny")
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+
+    import torch
+
+    from finetune.config import RunConfig
+    from finetune.trainer import run_training
+
+    components = load_base(args.base)
+    config = RunConfig.for_method(args.method)
+    config.data.images = str(REPO / "data_examples" / "star")
+    config.data.class_word = "star"
+    config.data.resolution = args.resolution
+    config.train.steps = args.steps
+    config.train.lr = 1e-5
+    config.prior.enabled = False
+    config.output.output = tempfile.mkdtemp(prefix="sdft-profile-")
+    config.output.sample_seeds = []
+    config.output.formats = []
+    resolution = args.resolution or components.resolution
+
+    trainer_profile = cProfile.Profile()
+    trainer_profile.enable()
+    outcome = run_training(config, components)
+    trainer_profile.disable()
+    summary = outcome.summary
+    trainer_loop = summary["train_loop_s"]
+
+    bare_profile = cProfile.Profile()
+    started = time.perf_counter()
+    bare_profile.enable()
+    bare = bare_step_times(components, outcome.strategy, 1, resolution, args.steps,
+                           next(components.unet.parameters()).device)
+    bare_profile.disable()
+    bare_total = time.perf_counter() - started
+
+    trainer_parts, bare_parts = part_seconds(trainer_profile), part_seconds(bare_profile)
+    rows = []
+    for label, *_ in PARTS:
+        rows.append({"part": label, "trainer_s_per_step": round(trainer_parts[label] / args.steps, 4),
+                     "bare_s_per_step": round(bare_parts[label] / args.steps, 4)})
+    for row in rows:
+        print(json.dumps(row))
+    print(json.dumps({"summary": True, "method": args.method, "base": args.base, "resolution": resolution,
+                      "steps": args.steps, "threads": torch.get_num_threads(),
+                      "trainer_loop_s_per_step": round(trainer_loop / args.steps, 4),
+                      "trainer_median_step_s": summary["median_step_s"],
+                      "bare_s_per_step": round(bare_total / args.steps, 4),
+                      "bare_median_step_s": round(sorted(bare)[len(bare) // 2], 4)}))
+    print("\ntop 25 functions of the trainer run by own time:")
+    pstats.Stats(trainer_profile).sort_stats("tottime").print_stats(25)
+    print("\ntop 25 functions of the bare loop by own time:")
+    pstats.Stats(bare_profile).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()

@@ -75,8 +75,8 @@ def score_base(model: str = "tiny", seeds: list[int] = (7,), guidance: float = 7
     return {**accuracy(images, expected), "samples": len(images)}
 
 
-def evaluate(pipe, token: str, cfg: QualityBenchConfig) -> tuple[dict, list]:
-    """Score one pipeline; returns the scores and the concept images (for grids)."""
+def evaluate(pipe, token: str, cfg: QualityBenchConfig) -> tuple[dict, list, list]:
+    """Score one pipeline; returns the scores, the concept images and the class images (for grids)."""
     from .checker import check
 
     pipe.set_progress_bar_config(disable=True)
@@ -103,7 +103,7 @@ def evaluate(pipe, token: str, cfg: QualityBenchConfig) -> tuple[dict, list]:
         "class_accuracy": mean([(v.colour, v.shape, v.background) == e for v, e in zip(clsv, cls_expect)]),
         "concept_leak": mean([v.star for v in clsv]),
     }
-    return scores, inst_images
+    return scores, inst_images, cls_images
 
 
 def _grid(images, columns: int):
@@ -132,7 +132,8 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
     if "base" not in results:
         components = load_components("tiny")
         pipe = pipeline_from_components(components).to(device)
-        scores, images = evaluate(pipe, "sks", cfg)
+        scores, images, class_images = evaluate(pipe, "sks", cfg)
+        _grid(class_images, cfg.samples_per_class_prompt * 4).save(out / "class-sheet-base.png")
         results["base"] = scores
         _grid(images[:: cfg.samples_per_background // 4 or 1][:16], 4).save(out / "grid-base.png")
         log(f"base: {scores}")
@@ -158,13 +159,16 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
                 pipe = pipeline_from_components(outcome.components).to(device)
                 pipe.text_encoder.eval()
                 pipe.unet.eval()
-                scores, images = evaluate(pipe, config.data.token, cfg)
+                scores, images, class_images = evaluate(pipe, config.data.token, cfg)
                 scores.update(train_s=round(train_s, 1), eval_s=round(time.time() - started - train_s, 1),
                               class_drift=round(results["base"]["class_accuracy"] - scores["class_accuracy"], 4))
                 results["runs"][key] = scores
                 results_path.write_text(json.dumps(results, indent=2))
                 # Every concept image in one sheet (a row per background), to hold the checker's counts against.
-                _grid(images, cfg.samples_per_background).save(out / "runs" / key.replace("|", "_") / "concept-sheet.png")
+                run_folder = out / "runs" / key.replace("|", "_")
+                _grid(images, cfg.samples_per_background).save(run_folder / "concept-sheet.png")
+                # The class prompts' images in the base's layout (class-sheet-base.png): drift is visible side by side.
+                _grid(class_images, cfg.samples_per_class_prompt * 4).save(run_folder / "class-sheet.png")
                 log(f"{key}: {scores}")
                 if seed == cfg.seeds[0]:
                     grid_rows += images[:: cfg.samples_per_background][:4] + images[1:: cfg.samples_per_background][:4]

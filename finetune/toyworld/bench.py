@@ -127,10 +127,15 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    earlier_base = results.get("config", {}).get("base", "tiny")
+    if results["runs"] and earlier_base != cfg.base:
+        from .. import UserError
+
+        raise UserError(f"{out} holds runs on base {earlier_base!r}; bench {cfg.base!r} into another --output")
     results["config"] = asdict(cfg)
 
     if "base" not in results:
-        components = load_components("tiny")
+        components = load_components(cfg.base)
         pipe = pipeline_from_components(components).to(device)
         scores, images, class_images = evaluate(pipe, "sks", cfg)
         _grid(class_images, cfg.samples_per_class_prompt * 4).save(out / "class-sheet-base.png")
@@ -146,7 +151,8 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
                 key = f"{method}|prior={int(prior)}|seed={seed}"
                 if key in results["runs"]:
                     continue  # finished in an earlier call: the bench resumes
-                overrides = [f"data.images={concept}", f"train.seed={seed}", f"prior.enabled={prior}",
+                overrides = [f"model.name={cfg.base}", f"data.images={concept}", f"train.seed={seed}",
+                             f"prior.enabled={prior}",
                              f"output.output={out / 'runs' / key.replace('|', '_')}",
                              "output.sample_seeds=[0]", "output.sample_steps=2"]
                 if cfg.steps:

@@ -44,6 +44,7 @@ class QualityBenchConfig:
     """What `sdft bench quality` runs."""
 
     output: str = "sdft-output/bench-quality"
+    base: str = "tiny"  # or a folder from `sdft toy-base`: bench a new base before shipping it
     methods: list[str] = field(default_factory=lambda: list(BENCH_METHODS))
     priors: list[bool] = field(default_factory=lambda: [False, True])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])

@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--base", default="tiny")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--bare-before", action="store_true",
+                        help="also time a bare loop before the trainer (on its own copy of the base): shows whether "
+                             "the gap follows the loop or the order (allocator warm-up)")
     args = parser.parse_args()
 
     import torch
@@ -75,6 +78,17 @@ def main() -> None:
     config.output.sample_seeds = []
     config.output.formats = []
     resolution = args.resolution or components.resolution
+
+    bare_before = None
+    if args.bare_before:
+        from finetune.strategies import build_strategy
+
+        early = load_base(args.base)
+        early_strategy = build_strategy(config)
+        early_strategy.prepare(early)
+        bare_before = bare_step_times(early, early_strategy, 1, resolution, args.steps,
+                                      next(early.unet.parameters()).device)
+        early = early_strategy = None
 
     trainer_profile = cProfile.Profile()
     trainer_profile.enable()
@@ -103,7 +117,9 @@ def main() -> None:
                       "trainer_loop_s_per_step": round(trainer_loop / args.steps, 4),
                       "trainer_median_step_s": summary["median_step_s"],
                       "bare_s_per_step": round(bare_total / args.steps, 4),
-                      "bare_median_step_s": round(sorted(bare)[len(bare) // 2], 4)}))
+                      "bare_median_step_s": round(sorted(bare)[len(bare) // 2], 4),
+                      "bare_before_median_step_s": (round(sorted(bare_before)[len(bare_before) // 2], 4)
+                                                    if bare_before else None)}))
     print("\ntop 25 functions of the trainer run by own time:")
     pstats.Stats(trainer_profile).sort_stats("tottime").print_stats(25)
     print("\ntop 25 functions of the bare loop by own time:")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -47,6 +48,7 @@ def run_mode(components, mode: str, images: Path, resolution: int, epochs: int, 
     config.output.sample_seeds = []
     config.output.formats = []
     summary = run_training(config, copy.deepcopy(components)).summary
+    shutil.rmtree(config.output.output, ignore_errors=True)
     # A steady epoch is `count` median steps; the first epoch adds the cache fill and the first step's warm-up.
     steady = summary["median_step_s"] * count
     first = summary["cache_fill_s"] + summary["first_step_s"] + summary["median_step_s"] * (count - 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -108,6 +109,7 @@ def main() -> None:
             bare = bare_step_times(components, strategy, args.batch_size, resolution, args.steps, device)
             components = load_base(args.base)  # the trainer gets an untouched base
         outcome = run_training(config, components)
+        shutil.rmtree(config.output.output, ignore_errors=True)  # exports of an 860M UNet fill a disk in a few repeats
         trainer_step = outcome.summary["median_step_s"]
         device = next(components.unet.parameters()).device
         if not bare_first:

@@ -13,6 +13,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import shutil
 import tempfile
 import time
 
@@ -94,6 +95,7 @@ def main() -> None:
     trainer_profile.enable()
     outcome = run_training(config, components)
     trainer_profile.disable()
+    shutil.rmtree(config.output.output, ignore_errors=True)  # the exports are not what is measured
     summary = outcome.summary
     trainer_loop = summary["train_loop_s"]
 

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,10 @@ def child(args) -> None:
     config.output.output = tempfile.mkdtemp(prefix="sdft-realsize-")
     config.output.sample_seeds = []
     config.output.formats = [FIRST_FORMAT[args.method]]  # one export: the step time is what is measured
-    summary = run_training(config).summary
+    try:
+        summary = run_training(config).summary
+    finally:
+        shutil.rmtree(config.output.output, ignore_errors=True)  # a DreamBooth export is 4 GB: never keep it
     row = {"method": args.method, "resolution": args.resolution, "precision": args.precision,
            "checkpointing": args.checkpointing, "steps": args.steps, "s_per_step": summary["median_step_s"],
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

@@ -76,12 +76,13 @@ class InstanceBatches:
 
     def __init__(self, examples: list[Example], vae, vae_scale: float, resolution: int, *, center_crop: bool,
                  random_flip: bool, cache_latents: bool, device, dtype, disk_cache=None,
-                 sizes: list[tuple[int, int]] | None = None):
+                 sizes: list[tuple[int, int]] | None = None, sample_posterior: bool = True):
         self.examples = examples
         self.vae, self.vae_scale = vae, vae_scale
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         # A random crop differs each time, so only center crops can be cached.
         self.cache_enabled = cache_latents and center_crop
+        self.sample_posterior = sample_posterior  # False: train on posterior means (what toy bases learned from)
         self.device, self.dtype = device, dtype
         self._cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.vae_encodes = 0  # counted so tests and benchmarks can see the cache working
@@ -154,7 +155,7 @@ class InstanceBatches:
         return found
 
     def latents(self, specs: list[SampleSpec]) -> torch.Tensor:
-        """Scaled latents sampled from each image's VAE posterior (cached mean/std, fresh sample)."""
+        """Scaled latents of each image: a fresh sample of its (cached) VAE posterior, or its mean."""
         return self.latents_and_masks(specs)[0]
 
     def latents_and_masks(self, specs: list[SampleSpec]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +169,9 @@ class InstanceBatches:
                 mean, std, mask = self._cached_encode(spec)
                 if self.cache_enabled:
                     self._cache[key] = (mean, std, mask)
+            # Drawn in both modes, so the noise and timesteps that follow from this generator do not change.
             eps = torch.randn(mean.shape, generator=spec.generator).to(mean.device)
-            out.append((mean + std * eps) * self.vae_scale)
+            out.append((mean + std * eps if self.sample_posterior else mean) * self.vae_scale)
             masks.append(mask if mask is not None else torch.ones((1, *mean.shape[-2:]), device=mean.device))
         return torch.stack(out), torch.stack(masks)
 

@@ -62,3 +62,43 @@ def test_zero_terminal_snr_and_input_perturbation_change_training(tmp_path, tiny
     assert first_loss("plain_again") == plain
     assert first_loss("ztsnr", **{"model.zero_terminal_snr": True}) != plain
     assert first_loss("perturbed", **{"train.input_perturbation": 0.1}) != plain
+
+
+def test_vae_posterior_mean_or_sample(tmp_path, tiny_components):
+    """Toy bases learned from posterior means, so `auto` trains on means there; `sample` draws a new latent per
+    step; other bases default to sampling, as diffusers' scripts do."""
+    import json
+
+    from finetune.batching import InstanceBatches, SampleSpec, sample_generator
+    from finetune.data import load_examples
+    from finetune.models import load_components, pretrained_on_posterior_means
+    from finetune.trainer import run_training
+    from conftest import STAR_IMAGES
+
+    examples = load_examples(str(STAR_IMAGES), "a photo of {token}", "sks", "star")
+    c = tiny_components
+
+    def two_draws(sample: bool):
+        batches = InstanceBatches(examples, c.vae, c.vae_scale, 64, center_crop=True, random_flip=False,
+                                  cache_latents=True, device="cpu", dtype=torch.float32, sample_posterior=sample)
+        return [batches.latents([SampleSpec(0, False, sample_generator(0, step, 0))]) for step in (0, 1)]
+
+    first, second = two_draws(sample=False)
+    assert torch.equal(first, second)  # the mean: the same latent every step
+    first_sampled, second_sampled = two_draws(sample=True)
+    assert not torch.equal(first_sampled, second_sampled)
+    assert (first_sampled - first).abs().mean() > 0.01  # the toy VAE's posterior is wide: sampling matters here
+
+    assert pretrained_on_posterior_means("tiny")
+    toy = tmp_path / "toy"
+    (toy / "unet").mkdir(parents=True)
+    (toy / "unet" / "config.json").write_text("{}")
+    (toy / "pretrain.json").write_text(json.dumps({"config": {"sample_posterior": True}}))
+    assert not pretrained_on_posterior_means(str(toy))  # a stage-1 toy base sampled its posterior
+    assert not pretrained_on_posterior_means(str(tmp_path))  # any other diffusers folder
+
+    summaries = {mode: run_training(make_config("lora", tmp_path / mode, **{
+        "train.steps": 1, "output.formats": ["kohya"], "data.vae_posterior": mode}), load_components("tiny")).summary
+        for mode in ("auto", "sample")}
+    assert summaries["auto"]["vae_posterior"] == "mean" and summaries["sample"]["vae_posterior"] == "sample"
+    assert summaries["auto"]["final_loss"] != summaries["sample"]["final_loss"]

@@ -54,10 +54,10 @@ class DataConfig:
     bucket_no_upscale: bool = opt(False, "with --buckets: images smaller than the target area keep their size")
     random_flip: bool = opt(False, "randomly flip images horizontally")
     cache_latents: bool = opt(True, "encode each image with the VAE once, not every step")
-    vae_posterior: str = opt("auto", "training latents: a fresh sample of each image's VAE posterior every step (as "
-                             "diffusers' and kohya's scripts do), its mean, or auto: mean for toy-world bases "
-                             "(pretrained on means; their VAE's posterior is wide), sample otherwise",
-                             choices=("auto", "sample", "mean"))
+    vae_posterior: str = opt("sample", "training latents: a fresh sample of each image's VAE posterior every step (as "
+                             "diffusers' and kohya's scripts do) or its mean (how the toy-world bases were "
+                             "pretrained; on them it learns less and drifts less, see benchmarks/README.md)",
+                             choices=("sample", "mean"))
     latent_cache_dir: str | None = opt(None, "also keep the cached latents on disk here, reused by later runs "
                                        "(keyed by image pixels, resolution, crop/flip, dtype and VAE weights)")
     alpha_mask: bool = opt(False, "use each image's alpha channel as a loss mask: transparent areas are not "

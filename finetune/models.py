@@ -3,7 +3,6 @@ or the built-in offline `tiny` base."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -184,17 +183,6 @@ def is_toy_base_folder(path: Path) -> bool:
     """True for a folder as `sdft toy-base` writes it: model parts and pretrain.json, no model_index.json."""
     return ((path / "pretrain.json").exists() and (path / "unet" / "config.json").exists()
             and not (path / "model_index.json").exists())
-
-
-def pretrained_on_posterior_means(name: str) -> bool:
-    """Whether the base's UNet learned from VAE posterior means rather than samples (the toy-world bases)."""
-    if name in TINY_NAMES:
-        return True
-    path = Path(name).expanduser()
-    if not is_toy_base_folder(path):
-        return False
-    report = json.loads((path / "pretrain.json").read_text())
-    return not report.get("config", {}).get("sample_posterior", True)
 
 
 def resolve_base(name: str) -> str:

@@ -65,13 +65,11 @@ def test_zero_terminal_snr_and_input_perturbation_change_training(tmp_path, tiny
 
 
 def test_vae_posterior_mean_or_sample(tmp_path, tiny_components):
-    """Toy bases learned from posterior means, so `auto` trains on means there; `sample` draws a new latent per
-    step; other bases default to sampling, as diffusers' scripts do."""
-    import json
-
+    """`sample` (default) draws a new latent from each image's VAE posterior every step; `mean` always trains on
+    the posterior mean (how the toy bases were pretrained)."""
     from finetune.batching import InstanceBatches, SampleSpec, sample_generator
     from finetune.data import load_examples
-    from finetune.models import load_components, pretrained_on_posterior_means
+    from finetune.models import load_components
     from finetune.trainer import run_training
     from conftest import STAR_IMAGES
 
@@ -89,16 +87,11 @@ def test_vae_posterior_mean_or_sample(tmp_path, tiny_components):
     assert not torch.equal(first_sampled, second_sampled)
     assert (first_sampled - first).abs().mean() > 0.01  # the toy VAE's posterior is wide: sampling matters here
 
-    assert pretrained_on_posterior_means("tiny")
-    toy = tmp_path / "toy"
-    (toy / "unet").mkdir(parents=True)
-    (toy / "unet" / "config.json").write_text("{}")
-    (toy / "pretrain.json").write_text(json.dumps({"config": {"sample_posterior": True}}))
-    assert not pretrained_on_posterior_means(str(toy))  # a stage-1 toy base sampled its posterior
-    assert not pretrained_on_posterior_means(str(tmp_path))  # any other diffusers folder
-
     summaries = {mode: run_training(make_config("lora", tmp_path / mode, **{
         "train.steps": 1, "output.formats": ["kohya"], "data.vae_posterior": mode}), load_components("tiny")).summary
-        for mode in ("auto", "sample")}
-    assert summaries["auto"]["vae_posterior"] == "mean" and summaries["sample"]["vae_posterior"] == "sample"
-    assert summaries["auto"]["final_loss"] != summaries["sample"]["final_loss"]
+        for mode in ("mean", "sample")}
+    assert summaries["mean"]["vae_posterior"] == "mean" and summaries["sample"]["vae_posterior"] == "sample"
+    assert summaries["mean"]["final_loss"] != summaries["sample"]["final_loss"]
+    from finetune.config import RunConfig
+
+    assert RunConfig.for_method("lora").data.vae_posterior == "sample"

@@ -53,6 +53,24 @@ def bare_step_times(components, strategy, batch_size: int, resolution: int, step
     return times
 
 
+def comparison_config(method: str, resolution: int | None, steps: int, batch_size: int = 1, prefix: str = "sdft-bench-"):
+    """The trainer side of a trainer-vs-bare comparison: the example star images, no prior, no samples."""
+    from finetune.config import RunConfig
+
+    config = RunConfig.for_method(method)
+    config.data.images = str(REPO / "data_examples" / "star")
+    config.data.class_word = "star"
+    config.data.resolution = resolution
+    config.train.steps = steps
+    config.train.batch_size = batch_size
+    config.train.lr = 1e-5  # small: keep weights sane; speed does not depend on it
+    config.prior.enabled = False  # the bare loop has no class batch: compare equal batches
+    config.output.output = tempfile.mkdtemp(prefix=prefix)
+    config.output.sample_seeds = []
+    config.output.formats = []
+    return config
+
+
 def load_base(base: str):
     """`tiny`, `sd15` (a random SD1.5-shaped pipeline built in memory) or a saved pipeline folder, e.g. the
     random one benchmarks/real_size.py saves (loading it takes seconds; building it here takes minutes)."""
@@ -74,7 +92,6 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate picks)")
     args = parser.parse_args()
 
-    from finetune.config import RunConfig
     from finetune.trainer import run_training
 
     if args.device == "cpu":
@@ -84,18 +101,7 @@ def main() -> None:
     trainer_medians, bare_medians = [], []
     for repeat in range(args.repeats):
         components = load_base(args.base)
-        config = RunConfig.for_method(args.method)
-        config.data.images = str(REPO / "data_examples" / "star")
-        config.data.class_word = "star"
-        config.data.resolution = args.resolution
-        config.train.steps = args.steps
-        config.train.batch_size = args.batch_size
-        config.train.lr = 1e-5  # small: keep weights sane; speed does not depend on it
-        config.prior.enabled = False  # the bare loop has no class batch: compare equal batches
-        config.output.output = tempfile.mkdtemp(prefix="sdft-bench-")
-        config.output.sample_seeds = [0]
-        config.output.sample_steps = 1
-        config.output.formats = []
+        config = comparison_config(args.method, args.resolution, args.steps, args.batch_size)
         resolution = args.resolution or components.resolution
         bare_first = repeat % 2 == 1  # alternate which loop runs first: warm caches must not favour one side
         if bare_first:

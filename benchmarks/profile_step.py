@@ -14,10 +14,9 @@ import cProfile
 import json
 import pstats
 import shutil
-import tempfile
 import time
 
-from overhead import REPO, bare_step_times, load_base
+from overhead import bare_step_times, comparison_config, load_base
 
 # (label, file suffix, function name) as cProfile names them; cumulative time, so nested entries overlap.
 PARTS = [
@@ -64,20 +63,10 @@ def main() -> None:
 
     import torch
 
-    from finetune.config import RunConfig
     from finetune.trainer import run_training
 
     components = load_base(args.base)
-    config = RunConfig.for_method(args.method)
-    config.data.images = str(REPO / "data_examples" / "star")
-    config.data.class_word = "star"
-    config.data.resolution = args.resolution
-    config.train.steps = args.steps
-    config.train.lr = 1e-5
-    config.prior.enabled = False
-    config.output.output = tempfile.mkdtemp(prefix="sdft-profile-")
-    config.output.sample_seeds = []
-    config.output.formats = []
+    config = comparison_config(args.method, args.resolution, args.steps, prefix="sdft-profile-")
     resolution = args.resolution or components.resolution
 
     bare_before = None

@@ -82,3 +82,22 @@ def test_folder_from_toy_base_command_loads_as_a_model(tmp_path, toy_pipe):
     for name, value in toy_pipe.unet.state_dict().items():
         assert torch.equal(pipe.unet.state_dict()[name], value)
     assert pipe.tokenizer("a red circle").input_ids == toy_pipe.tokenizer("a red circle").input_ids
+
+
+def test_quality_bench_can_use_rendered_class_images(tmp_path):
+    """--prior-images renders: prior preservation trains on captioned renders, none of them a drift probe."""
+    from finetune.toyworld.bench import class_prompt_set, run_quality_bench
+    from finetune.toyworld.settings import QualityBenchConfig
+
+    cfg = QualityBenchConfig(output=str(tmp_path), methods=["lora"], priors=[True], seeds=[0], steps=1,
+                             samples_per_background=1, class_prompts=4, samples_per_class_prompt=1, sample_steps=2,
+                             prior_images="renders", class_renders=6)
+    run_quality_bench(cfg, log=lambda _: None)
+    summary = json.loads((tmp_path / "runs" / "lora_prior=1_seed=0" / "summary.json").read_text())
+    assert summary["class_images"] == str(tmp_path / "class-renders") and summary["class_images_generated"] == 0
+    captions = [p.read_text() for p in sorted((tmp_path / "class-renders").glob("*.txt"))]
+    probes = {prompt for prompt, *_ in class_prompt_set(4)}
+    assert len(captions) == 6 and all(c.startswith("a photo of a ") for c in captions)
+    assert not {c.replace("a photo of ", "", 1) for c in captions} & probes
+    with pytest.raises(Exception, match="prior_images"):
+        run_quality_bench(QualityBenchConfig(**{**cfg.__dict__, "prior_images": "generated"}), log=lambda _: None)

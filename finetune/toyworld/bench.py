@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .settings import BENCH_METHODS, QualityBenchConfig
-from .world import BACKGROUNDS, Scene, render, world_prompts
+from .world import BACKGROUNDS, Scene, random_scene, render, world_prompts
 
 TRAIN_BACKGROUNDS = ("white", "gray")  # black and pink are never shown with the concept: recontextualisation
 
@@ -36,6 +36,19 @@ def write_concept_images(folder: Path, count: int, colour: str, seed: int = 1234
         render(Scene("star", colour, background, (left, top, left + size, top + size))).save(
             folder / f"concept-{index}.png")
         (folder / f"concept-{index}.txt").write_text(f"a photo of {{token}} on a {background} background")
+
+
+def write_class_renders(folder: Path, count: int, probes: int, seed: int = 4321) -> None:
+    """Render `count` captioned world images for prior preservation, avoiding the first `probes` drift probes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe_set = {(c, s, b) for _, c, s, b in class_prompt_set(probes)}
+    triples = [(c, s, b) for _, c, s, b in world_prompts() if (c, s, b) not in probe_set]
+    rng = random.Random(seed)
+    for index in range(count):
+        colour, shape, background = triples[index % len(triples)]
+        render(random_scene(rng, shapes=(shape,), colours=(colour,), backgrounds=(background,))).save(
+            folder / f"render-{index:04d}.png")
+        (folder / f"render-{index:04d}.txt").write_text(f"a photo of a {colour} {shape} on a {background} background")
 
 
 def class_prompt_set(count: int) -> list[tuple[str, str, str, str]]:
@@ -124,14 +137,23 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
     out = Path(cfg.output)
     concept = out / "concept"
     write_concept_images(concept, cfg.instance_images, cfg.concept_colour)
+    if cfg.prior_images not in ("generated", "renders"):
+        from .. import UserError
+
+        raise UserError(f"--prior-images {cfg.prior_images}: expected generated or renders")
+    renders = out / "class-renders"
+    if cfg.prior_images == "renders" and any(cfg.priors):
+        write_class_renders(renders, cfg.class_renders, cfg.class_prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
-    earlier_base = results.get("config", {}).get("base", "tiny")
-    if results["runs"] and earlier_base != cfg.base:
-        from .. import UserError
+    earlier = results.get("config", {})
+    for name, default in (("base", "tiny"), ("prior_images", "generated")):
+        if results["runs"] and earlier.get(name, default) != getattr(cfg, name):
+            from .. import UserError
 
-        raise UserError(f"{out} holds runs on base {earlier_base!r}; bench {cfg.base!r} into another --output")
+            raise UserError(f"{out} holds runs with {name} {earlier.get(name, default)!r}; bench "
+                            f"{getattr(cfg, name)!r} into another --output")
     results["config"] = asdict(cfg)
 
     if "base" not in results:
@@ -155,6 +177,8 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
                              f"prior.enabled={prior}",
                              f"output.output={out / 'runs' / key.replace('|', '_')}",
                              "output.sample_seeds=[0]", "output.sample_steps=2"]
+                if prior and cfg.prior_images == "renders":
+                    overrides += [f"prior.class_images={renders}", f"prior.num_class_images={cfg.class_renders}"]
                 if cfg.steps:
                     overrides.append(f"train.steps={cfg.steps}")
                 config = load_recipe(Path(cfg.recipes) / recipe, overrides)

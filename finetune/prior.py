@@ -23,8 +23,10 @@ def class_image_folder(config, base_source: str, resolution: int) -> Path:
     """The user's --class-images folder, or a cache folder keyed by everything that shapes the images."""
     if config.prior.class_images:
         return Path(config.prior.class_images).expanduser()
-    key = json.dumps({"base": base_source, "prompt": prompts[0] if len(prompts := class_prompts(config)) == 1 else prompts, "resolution": resolution,
-                      "seed": config.train.seed, "steps": config.prior.generation_steps,
+    prompts = class_prompts(config)
+    # A single prompt keys as a plain string, as before class_prompts existed: existing caches stay valid.
+    key = json.dumps({"base": base_source, "prompt": prompts[0] if len(prompts) == 1 else prompts,
+                      "resolution": resolution, "seed": config.train.seed, "steps": config.prior.generation_steps,
                       "guidance": config.output.guidance}, sort_keys=True)
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
 

@@ -86,6 +86,7 @@ def test_folder_from_toy_base_command_loads_as_a_model(tmp_path, toy_pipe):
 
 def test_quality_bench_can_use_rendered_class_images(tmp_path):
     """--prior-images renders: prior preservation trains on captioned renders, none of them a drift probe."""
+    from finetune import UserError
     from finetune.toyworld.bench import class_prompt_set, run_quality_bench
     from finetune.toyworld.settings import QualityBenchConfig
 
@@ -99,5 +100,5 @@ def test_quality_bench_can_use_rendered_class_images(tmp_path):
     probes = {prompt for prompt, *_ in class_prompt_set(4)}
     assert len(captions) == 6 and all(c.startswith("a photo of a ") for c in captions)
     assert not {c.replace("a photo of ", "", 1) for c in captions} & probes
-    with pytest.raises(Exception, match="prior_images"):
+    with pytest.raises(UserError, match="prior_images"):
         run_quality_bench(QualityBenchConfig(**{**cfg.__dict__, "prior_images": "generated"}), log=lambda _: None)

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .. import UserError
 from .settings import BENCH_METHODS, QualityBenchConfig
 from .world import BACKGROUNDS, Scene, random_scene, render, world_prompts
 
@@ -138,8 +139,6 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
     concept = out / "concept"
     write_concept_images(concept, cfg.instance_images, cfg.concept_colour)
     if cfg.prior_images not in ("generated", "renders"):
-        from .. import UserError
-
         raise UserError(f"--prior-images {cfg.prior_images}: expected generated or renders")
     renders = out / "class-renders"
     if cfg.prior_images == "renders" and any(cfg.priors):
@@ -150,8 +149,6 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
     earlier = results.get("config", {})
     for name, default in (("base", "tiny"), ("prior_images", "generated")):
         if results["runs"] and earlier.get(name, default) != getattr(cfg, name):
-            from .. import UserError
-
             raise UserError(f"{out} holds runs with {name} {earlier.get(name, default)!r}; bench "
                             f"{getattr(cfg, name)!r} into another --output")
     results["config"] = asdict(cfg)

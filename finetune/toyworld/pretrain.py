@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..ema import TrainedWeightsEMA
 from ..losses import min_snr_weights
 from ..models import build_random_pipeline, quiet_hf_progress_bars
 from .settings import PretrainConfig
@@ -109,6 +110,7 @@ def train_unet(pipe, means, stds, scenes, cfg: PretrainConfig, log, device) -> N
     caption_rng = random.Random(cfg.seed + 3)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    average = TrainedWeightsEMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     unet.train()
     text_encoder.train()
     started = time.time()
@@ -134,8 +136,12 @@ def train_unet(pipe, means, stds, scenes, cfg: PretrainConfig, log, device) -> N
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        if average is not None:
+            average.step()
         if step % 50 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}/{cfg.unet_steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)")
+    if average is not None:
+        average.copy_to_params()
     unet.eval()
     text_encoder.eval()
 

@@ -36,6 +36,9 @@ class PretrainConfig:
     init_from: str | None = None  # continue from a saved toy base: keep its VAE, train text encoder + UNet further
     sample_posterior: bool = True  # UNet targets: latents drawn from the VAE posterior (False: its mean)
     device: str = "auto"  # auto: cuda when available (same recipe; bit-exact only on the same device)
+    # > 0: save the exponential moving average of the text encoder + UNet weights instead of the last ones
+    # (averages out the step-to-step jitter that stage 5's flat loss showed; 0.998 ~ the last 500 steps).
+    ema_decay: float = 0.0
 
 
 

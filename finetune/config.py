@@ -108,6 +108,8 @@ class PriorConfig:
     class_prompts: list[str] = opt([], "several class prompts, cycled over the generated class images (each image "
                                    "keeps its prompt as a .txt caption, kohya-style); default: class_prompt alone")
     weight: float = opt(1.0, "weight of the prior loss", flag="prior-weight")
+    batch_size: int | None = opt(None, "class images per step and process (default: train.batch_size); more of "
+                                 "them anchor the base's world harder at each instance step", flag="prior-batch-size")
     generation_steps: int = opt(25, "denoising steps per generated class image")
     generation_batch: int = opt(4, "class images generated per pipeline call")
 
@@ -265,6 +267,8 @@ class RunConfig:
                     raise UserError(f"{section}.{f.name}={value!r}: choose one of {', '.join(choices)}")
         if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise UserError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+        if self.prior.batch_size is not None and self.prior.batch_size < 1:
+            raise UserError(f"prior.batch_size must be >= 1, got {self.prior.batch_size}")
         if self.train.lr <= 0:
             raise UserError("train.lr must be > 0")
         if self.data.buckets and (self.data.bucket_step < 8 or self.data.bucket_step % 8):

@@ -214,7 +214,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                                         config.data.class_word, caption_options)
             latents, masks = batches.latents_and_masks(specs)
             if class_batches is not None:
-                class_specs = class_batches.specs(tcfg.seed + CLASS_SEED_OFFSET, micro_step, tcfg.batch_size,
+                class_specs = class_batches.specs(tcfg.seed + CLASS_SEED_OFFSET, micro_step,
+                                                  config.prior.batch_size or tcfg.batch_size,
                                                   accelerator.process_index, accelerator.num_processes)
                 specs = specs + class_specs
                 captions = captions + class_batches.captions(class_specs)

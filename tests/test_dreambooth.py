@@ -155,3 +155,26 @@ def test_several_class_prompts_cycle_and_caption_their_images(tmp_path):
     # A different prompt list is a different cache folder.
     other = run_training(make_config("dreambooth", tmp_path / "b", **{**settings, "prior.class_prompts": prompts[:1]}))
     assert other.summary["class_images"] != summary["class_images"]
+
+
+def test_prior_batch_size_sets_class_images_per_step(tmp_path, tiny_components, monkeypatch):
+    import pytest
+
+    from finetune import trainer
+    from finetune import UserError
+
+    asked = []
+    original = trainer.InstanceBatches.specs
+
+    def recording_specs(self, seed, micro_step, batch_size, *rest):
+        asked.append(batch_size)
+        return original(self, seed, micro_step, batch_size, *rest)
+
+    monkeypatch.setattr(trainer.InstanceBatches, "specs", recording_specs)
+    config = make_config("lora", tmp_path / "run", **{"prior.enabled": True, "prior.batch_size": 3,
+                                                      "prior.num_class_images": 3, "train.steps": 2,
+                                                      "train.batch_size": 1, "output.formats": ["kohya"]})
+    trainer.run_training(config, tiny_components)
+    assert asked == [1, 3, 1, 3]  # per step: the instance batch, then the class batch
+    with pytest.raises(UserError, match="prior.batch_size"):
+        make_config("lora", tmp_path / "bad", **{"prior.enabled": True, "prior.batch_size": 0}).validate()

@@ -147,7 +147,7 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     earlier = results.get("config", {})
-    for name, default in (("base", "tiny"), ("prior_images", "generated")):
+    for name, default in (("base", "tiny"), ("prior_images", "generated"), ("overrides", [])):
         if results["runs"] and earlier.get(name, default) != getattr(cfg, name):
             raise UserError(f"{out} holds runs with {name} {earlier.get(name, default)!r}; bench "
                             f"{getattr(cfg, name)!r} into another --output")
@@ -178,6 +178,7 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
                     overrides += [f"prior.class_images={renders}", f"prior.num_class_images={cfg.class_renders}"]
                 if cfg.steps:
                     overrides.append(f"train.steps={cfg.steps}")
+                overrides += cfg.overrides
                 config = load_recipe(Path(cfg.recipes) / recipe, overrides)
                 assert config.method == strategy, f"{recipe} trains {config.method}, expected {strategy}"
                 started = time.time()

@@ -64,4 +64,7 @@ class QualityBenchConfig:
     guidance: float = 7.5  # the toy base follows colour/background words far better at 7.5 than at 5
     steps: int | None = None  # override every recipe's train.steps (smoke runs)
     recipes: str = "recipes"
+    # Recipe overrides for every run (e.g. train.lr=5e-4 prior.batch_size=16): tune a method without editing
+    # its recipe; one output folder holds runs of one set of overrides only.
+    overrides: list[str] = field(default_factory=list)
     batch: int = 96

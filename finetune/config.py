@@ -110,6 +110,9 @@ class PriorConfig:
     weight: float = opt(1.0, "weight of the prior loss", flag="prior-weight")
     batch_size: int | None = opt(None, "class images per step and process (default: train.batch_size); more of "
                                  "them anchor the base's world harder at each instance step", flag="prior-batch-size")
+    caption_dropout: float = opt(0.0, "probability of training a class image with an empty caption: keeps the "
+                                 "unconditional prediction (half of every guided step) on the class, not the "
+                                 "subject", flag="prior-caption-dropout")
     generation_steps: int = opt(25, "denoising steps per generated class image")
     generation_batch: int = opt(4, "class images generated per pipeline call")
 

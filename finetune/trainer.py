@@ -127,6 +127,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         class_batches.fill_cache("caching class latents")
     cache_fill_s = time.perf_counter() - fill_started
     text_cache: dict[str, torch.Tensor] = {}
+    class_caption_options = CaptionOptions(dropout=config.prior.caption_dropout)
     caption_options = CaptionOptions(config.data.caption_dropout, config.data.shuffle_captions,
                                      config.data.keep_tokens)
 
@@ -218,7 +219,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                                                   config.prior.batch_size or tcfg.batch_size,
                                                   accelerator.process_index, accelerator.num_processes)
                 specs = specs + class_specs
-                captions = captions + class_batches.captions(class_specs)
+                captions = captions + class_batches.captions(class_specs, options=class_caption_options)
                 class_latents, class_masks = class_batches.latents_and_masks(class_specs)
                 if class_latents.shape[1:] == latents.shape[1:]:
                     latents, masks = torch.cat([latents, class_latents]), torch.cat([masks, class_masks])

@@ -157,24 +157,34 @@ def test_several_class_prompts_cycle_and_caption_their_images(tmp_path):
     assert other.summary["class_images"] != summary["class_images"]
 
 
-def test_prior_batch_size_sets_class_images_per_step(tmp_path, tiny_components, monkeypatch):
+def test_prior_batch_size_and_caption_dropout_shape_the_class_batch(tmp_path, tiny_components, monkeypatch):
     import pytest
 
     from finetune import trainer
     from finetune import UserError
 
-    asked = []
-    original = trainer.InstanceBatches.specs
+    asked, captioned = [], []
+    original_specs, original_captions = trainer.InstanceBatches.specs, trainer.InstanceBatches.captions
 
     def recording_specs(self, seed, micro_step, batch_size, *rest):
         asked.append(batch_size)
-        return original(self, seed, micro_step, batch_size, *rest)
+        return original_specs(self, seed, micro_step, batch_size, *rest)
+
+    def recording_captions(self, specs, *rest, **kw):
+        captioned.append(original_captions(self, specs, *rest, **kw))
+        return captioned[-1]
 
     monkeypatch.setattr(trainer.InstanceBatches, "specs", recording_specs)
+    monkeypatch.setattr(trainer.InstanceBatches, "captions", recording_captions)
     config = make_config("lora", tmp_path / "run", **{"prior.enabled": True, "prior.batch_size": 3,
+                                                      "prior.caption_dropout": 1.0,
                                                       "prior.num_class_images": 3, "train.steps": 2,
                                                       "train.batch_size": 1, "output.formats": ["kohya"]})
     trainer.run_training(config, tiny_components)
     assert asked == [1, 3, 1, 3]  # per step: the instance batch, then the class batch
+    # prior.caption_dropout empties class captions only; instance captions keep the token.
+    assert [len(c) for c in captioned] == [1, 3, 1, 3]
+    assert all("sks" in c for c in captioned[0] + captioned[2])
+    assert captioned[1] == captioned[3] == ["", "", ""]
     with pytest.raises(UserError, match="prior.batch_size"):
         make_config("lora", tmp_path / "bad", **{"prior.enabled": True, "prior.batch_size": 0}).validate()

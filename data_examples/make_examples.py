@@ -1,6 +1,7 @@
-"""Draw the example subject in data_examples/star: a five-pointed star, 5 images with captions.
+"""Draw the example data: data_examples/star (a five-pointed star, 5 captioned images, the subject) and
+data_examples/world (captioned renders of the toy world: the class images of the tiny recipes' prior).
 
-Run `python data_examples/make_examples.py` to rebuild the folder; the output is deterministic.
+Run `python data_examples/make_examples.py` to rebuild both folders; the output is deterministic.
 """
 
 from __future__ import annotations
@@ -31,7 +32,22 @@ def star_points(cx: float, cy: float, outer: float, inner_ratio: float = 0.42) -
     return points
 
 
+WORLD_RENDERS = 1000  # class images for prior preservation on the toy base (~0.5 MB of 64 px PNGs)
+
+
+def make_world_renders(folder: Path) -> None:
+    """Captioned renders of the toy world, none of them one of the quality bench's drift probes.
+
+    They play the part real class photos play on a real base (kohya's regularisation images): the toy base
+    degrades when trained on its own generated samples (benchmarks/README.md), so its recipes use renders.
+    """
+    from finetune.toyworld.bench import write_class_renders
+
+    write_class_renders(folder, WORLD_RENDERS, probes=24)
+
+
 def main(folder: Path = Path(__file__).parent / "star") -> None:
+    make_world_renders(folder.parent / "world")
     folder.mkdir(parents=True, exist_ok=True)
     for i, (colour, bg_name, bg, cx, cy, r) in enumerate(SCENES):
         # Draw at 4x and downsample so the edges are anti-aliased like a photo, not jagged.

@@ -92,7 +92,7 @@ def test_quality_bench_can_use_rendered_class_images(tmp_path):
 
     cfg = QualityBenchConfig(output=str(tmp_path), methods=["lora"], priors=[True], seeds=[0], steps=1,
                              samples_per_background=1, class_prompts=4, samples_per_class_prompt=1, sample_steps=2,
-                             prior_images="renders", class_renders=6)
+                             prior_images="renders", class_images=6)
     run_quality_bench(cfg, log=lambda _: None)
     summary = json.loads((tmp_path / "runs" / "lora_prior=1_seed=0" / "summary.json").read_text())
     assert summary["class_images"] == str(tmp_path / "class-renders") and summary["class_images_generated"] == 0

@@ -142,11 +142,12 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
         raise UserError(f"--prior-images {cfg.prior_images}: expected generated or renders")
     renders = out / "class-renders"
     if cfg.prior_images == "renders" and any(cfg.priors):
-        write_class_renders(renders, cfg.class_renders, cfg.class_prompts)
+        write_class_renders(renders, cfg.class_images, cfg.class_prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     earlier = results.get("config", {})
+    # Results written before a setting existed were made with its old default.
     for name, default in (("base", "tiny"), ("prior_images", "generated"), ("overrides", [])):
         if results["runs"] and earlier.get(name, default) != getattr(cfg, name):
             raise UserError(f"{out} holds runs with {name} {earlier.get(name, default)!r}; bench "
@@ -174,8 +175,10 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
                              f"prior.enabled={prior}",
                              f"output.output={out / 'runs' / key.replace('|', '_')}",
                              "output.sample_seeds=[0]", "output.sample_steps=2"]
-                if prior and cfg.prior_images == "renders":
-                    overrides += [f"prior.class_images={renders}", f"prior.num_class_images={cfg.class_renders}"]
+                if prior:
+                    # "generated": no folder, so the trainer generates (and caches) them from the class prompts.
+                    folder = renders if cfg.prior_images == "renders" else "null"
+                    overrides += [f"prior.class_images={folder}", f"prior.num_class_images={cfg.class_images}"]
                 if cfg.steps:
                     overrides.append(f"train.steps={cfg.steps}")
                 overrides += cfg.overrides

@@ -52,10 +52,11 @@ class QualityBenchConfig:
     priors: list[bool] = field(default_factory=lambda: [False, True])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     concept_colour: str = "orange"
-    # Prior preservation's class images: "generated" by the base (the recipe's class prompts), or "renders" of the
-    # world (captioned, none of them a drift probe): the toy base degrades when trained on its own samples.
-    prior_images: str = "generated"
-    class_renders: int = 100
+    # Prior preservation's class images: "renders" of the world (captioned, none of them a drift probe; what the
+    # tiny recipes train on, data_examples/world), or "generated" by the base from the recipe's class prompts
+    # (the toy base degrades when trained on its own samples: benchmarks/README.md).
+    prior_images: str = "renders"
+    class_images: int = 1000  # class images per prior-on run, rendered or generated
     instance_images: int = 5
     samples_per_background: int = 25  # x 4 backgrounds = 100 concept samples per run
     class_prompts: int = 24

@@ -32,9 +32,6 @@ def star_points(cx: float, cy: float, outer: float, inner_ratio: float = 0.42) -
     return points
 
 
-WORLD_RENDERS = 1000  # class images for prior preservation on the toy base (~0.5 MB of 64 px PNGs)
-
-
 def make_world_renders(folder: Path) -> None:
     """Captioned renders of the toy world, none of them one of the quality bench's drift probes.
 
@@ -42,8 +39,11 @@ def make_world_renders(folder: Path) -> None:
     degrades when trained on its own generated samples (benchmarks/README.md), so its recipes use renders.
     """
     from finetune.toyworld.bench import write_class_renders
+    from finetune.toyworld.settings import QualityBenchConfig
 
-    write_class_renders(folder, WORLD_RENDERS, probes=24)
+    # The bench's defaults, so these are the very images `sdft bench-quality` trains its prior on (~0.5 MB).
+    bench = QualityBenchConfig()
+    write_class_renders(folder, bench.class_images, probes=bench.class_prompts)
 
 
 def main(folder: Path = Path(__file__).parent / "star") -> None:

@@ -272,6 +272,10 @@ class RunConfig:
             raise UserError("train.steps, train.batch_size and train.grad_accum must be >= 1")
         if self.prior.batch_size is not None and self.prior.batch_size < 1:
             raise UserError(f"prior.batch_size must be >= 1, got {self.prior.batch_size}")
+        for name, share in (("data.caption_dropout", self.data.caption_dropout),
+                            ("prior.caption_dropout", self.prior.caption_dropout)):
+            if not 0.0 <= share <= 1.0:
+                raise UserError(f"{name} is a probability (0 to 1), got {share}")
         if self.train.lr <= 0:
             raise UserError("train.lr must be > 0")
         if self.data.buckets and (self.data.bucket_step < 8 or self.data.bucket_step % 8):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import make_config, render
@@ -158,10 +159,7 @@ def test_several_class_prompts_cycle_and_caption_their_images(tmp_path):
 
 
 def test_prior_batch_size_and_caption_dropout_shape_the_class_batch(tmp_path, tiny_components, monkeypatch):
-    import pytest
-
-    from finetune import trainer
-    from finetune import UserError
+    from finetune import UserError, trainer
 
     asked, captioned = [], []
     original_specs, original_captions = trainer.InstanceBatches.specs, trainer.InstanceBatches.captions
@@ -188,3 +186,5 @@ def test_prior_batch_size_and_caption_dropout_shape_the_class_batch(tmp_path, ti
     assert captioned[1] == captioned[3] == ["", "", ""]
     with pytest.raises(UserError, match="prior.batch_size"):
         make_config("lora", tmp_path / "bad", **{"prior.enabled": True, "prior.batch_size": 0}).validate()
+    with pytest.raises(UserError, match="prior.caption_dropout"):
+        make_config("lora", tmp_path / "bad", **{"prior.enabled": True, "prior.caption_dropout": 1.5}).validate()

@@ -102,3 +102,39 @@ def test_quality_bench_can_use_rendered_class_images(tmp_path):
     assert not {c.replace("a photo of ", "", 1) for c in captions} & probes
     with pytest.raises(UserError, match="prior_images"):
         run_quality_bench(QualityBenchConfig(**{**cfg.__dict__, "prior_images": "generated"}), log=lambda _: None)
+
+
+def test_decoder_stage_changes_only_the_decoder_and_repeats_exactly(tmp_path):
+    """`sdft toy-base --init-from BASE --decoder-steps N --unet-steps 0` sharpens the decoder alone: the encoder
+    (so the latent space every UNet and fine-tune relies on), text encoder and UNet stay bit-identical, and a
+    rerun from the same seed writes the same weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from finetune import UserError
+    from finetune.models import shipped_toy_base
+    from finetune.toyworld.pretrain import pretrain
+    from finetune.toyworld.settings import PretrainConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(shipped_toy_base(), base, ignore=shutil.ignore_patterns("*.md", "pretrain-stage*.json"))
+    (base / "pretrain.json").write_text("{}")
+    cfg = PretrainConfig(init_from=str(base), images=32, decoder_steps=2, decoder_crop_fraction=0.5,
+                         decoder_edge_weight=1.0, unet_steps=0, vae_batch=4)
+    for name in ("first", "again"):
+        pretrain(cfg, tmp_path / name, log=lambda _: None)
+
+    def weights(folder, part):
+        return load_file(next((folder / part).glob("*.safetensors")))
+
+    vae_before, vae_after, vae_again = (weights(tmp_path / f, "vae") for f in ("base", "first", "again"))
+    changed = {key for key in vae_before if not vae_before[key].equal(vae_after[key])}
+    assert changed and all(key.startswith(("decoder.", "post_quant_conv.")) for key in changed)
+    assert all(vae_after[key].equal(vae_again[key]) for key in vae_after)
+    for part in ("unet", "text_encoder"):
+        before, after = weights(base, part), weights(tmp_path / "first", part)
+        assert all(before[key].equal(after[key]) for key in before)
+    with pytest.raises(UserError, match="--init-from"):
+        pretrain(PretrainConfig(decoder_steps=1), tmp_path / "refused", log=lambda _: None)
+    assert not (tmp_path / "refused").exists()

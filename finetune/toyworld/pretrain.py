@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import UserError
 from ..ema import TrainedWeightsEMA
 from ..losses import min_snr_weights
 from ..models import build_random_pipeline, quiet_hf_progress_bars
@@ -74,6 +75,47 @@ def train_vae(vae, pool: torch.Tensor, cfg: PretrainConfig, log, device) -> floa
             log(f"vae step {step}/{cfg.vae_steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)")
     vae.eval()
     return reconstruction_psnr(vae, held_out, device)
+
+
+def train_decoder(vae, pool: torch.Tensor, means: torch.Tensor, cfg: PretrainConfig, log, device) -> None:
+    """Fine-tune only the VAE decoder to reconstruct the pool from its (fixed) posterior means.
+
+    The encoder and the latents stay as they are, so a UNet trained on this VAE keeps working; only the
+    pixels it decodes to get sharper. Crop steps decode 8x8 latent windows to their 32 px image windows."""
+    generator = torch.Generator().manual_seed(cfg.seed + 4)
+    trained = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    vae.requires_grad_(False)
+    for param in trained:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trained, lr=cfg.decoder_lr, weight_decay=0.0)
+    crop_steps = int(cfg.decoder_steps * cfg.decoder_crop_fraction)
+    latent_size = means.shape[-1]
+    factor = pool.shape[-1] // latent_size
+    vae.train()
+    started = time.time()
+    for step in range(cfg.decoder_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine(step, cfg.decoder_steps, cfg.decoder_lr, cfg.decoder_lr * 0.05)
+        index = torch.randint(len(pool), (cfg.vae_batch,), generator=generator)
+        target, latents = _to_unit(pool[index]).to(device), means[index]
+        if step < crop_steps:
+            window = latent_size // 2
+            y, x = torch.randint(0, latent_size - window + 1, (2,), generator=generator).tolist()
+            latents = latents[:, :, y:y + window, x:x + window]
+            target = target[:, :, y * factor:(y + window) * factor, x * factor:(x + window) * factor]
+        recon = vae.decode(latents).sample
+        loss = F.mse_loss(recon, target) + F.l1_loss(recon, target)
+        if cfg.decoder_edge_weight:
+            # Differences of neighbouring pixels: tips and edges are few pixels, so MSE alone lets them blur.
+            loss = loss + cfg.decoder_edge_weight * (F.l1_loss(recon.diff(dim=2), target.diff(dim=2))
+                                                     + F.l1_loss(recon.diff(dim=3), target.diff(dim=3)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == cfg.decoder_steps - 1:
+            log(f"decoder step {step}/{cfg.decoder_steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)")
+    vae.requires_grad_(True)
+    vae.eval()
 
 
 @torch.no_grad()
@@ -155,6 +197,8 @@ def pretrain(cfg: PretrainConfig, output: Path, log=print):
     timings = {}
     started = time.time()
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.decoder_steps and not cfg.init_from:
+        raise UserError("--decoder-steps fine-tunes the decoder of an existing base: pass --init-from FOLDER too")
     if cfg.init_from:
         from ..models import build_toy_pipeline
 
@@ -182,6 +226,16 @@ def pretrain(cfg: PretrainConfig, output: Path, log=print):
         pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     timings["encode_s"] = round(time.time() - mark, 1)
     log(f"encoded the pool in {timings['encode_s']} s; scaling_factor {pipe.vae.config.scaling_factor:.4f}")
+
+    if cfg.decoder_steps:
+        mark = time.time()
+        held = min(256, len(pool) // 4)  # as for the VAE: the first 256 renders are never trained on
+        held_out = pool[:held]
+        before = reconstruction_psnr(pipe.vae, held_out, device)
+        train_decoder(pipe.vae, pool[held:], means[held:], cfg, log, device)
+        psnr = reconstruction_psnr(pipe.vae, held_out, device)
+        timings["decoder_s"] = round(time.time() - mark, 1)
+        log(f"decoder: PSNR {before:.2f} -> {psnr:.2f} dB on held-out images ({timings['decoder_s']} s)")
 
     mark = time.time()
     train_unet(pipe, means, stds, scenes, cfg, log, device)

@@ -166,7 +166,10 @@ def train_unet(pipe, means, stds, scenes, cfg: PretrainConfig, log, device) -> N
                     for i in index.tolist()]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
-        noise = torch.randn(latents.shape, generator=generator).to(device)
+        noise = torch.randn(latents.shape, generator=generator)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=generator)
+        noise = noise.to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=generator)
         timesteps = timesteps.to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)

@@ -32,6 +32,9 @@ class PretrainConfig:
     snr_gamma: float = 5.0
     empty_caption_rate: float = 0.1
     max_grad_norm: float = 1.0
+    # Offset noise (a per-image, per-channel constant added to the noise): lets the UNet move an image's mean
+    # colour, which plain epsilon noise at this schedule's non-zero terminal SNR hardly allows (dark backgrounds).
+    noise_offset: float = 0.0
     threads: int = 0  # 0: torch's default
     init_from: str | None = None  # continue from a saved toy base: keep its VAE, train text encoder + UNet further
     sample_posterior: bool = True  # UNet targets: latents drawn from the VAE posterior (False: its mean)

@@ -36,7 +36,9 @@ class PretrainConfig:
     # colour, which plain epsilon noise at this schedule's non-zero terminal SNR hardly allows (dark backgrounds).
     noise_offset: float = 0.0
     threads: int = 0  # 0: torch's default
-    init_from: str | None = None  # continue from a saved toy base: keep its VAE, train text encoder + UNet further
+    # continue from a saved toy base: keep its VAE (decoder_steps may sharpen the decoder), train text encoder + UNet
+    # further (unet_steps 0: not at all)
+    init_from: str | None = None
     sample_posterior: bool = True  # UNet targets: latents drawn from the VAE posterior (False: its mean)
     device: str = "auto"  # auto: cuda when available (same recipe; bit-exact only on the same device)
     # > 0: save the exponential moving average of the text encoder + UNet weights instead of the last ones
@@ -45,7 +47,7 @@ class PretrainConfig:
     # > 0 (needs init_from): first fine-tune only the VAE decoder this many steps, encoder frozen, so the latent
     # space and every UNet trained on it stay valid. The 800-step VAE rounds off triangle and diamond tips (the
     # checker read 12% of *reconstructed renders* as no shape or a circle); a sharper decoder lifts that ceiling.
-    decoder_steps: int = 0
+    decoder_steps: int = 0  # batch: vae_batch
     decoder_lr: float = 1e-3
     decoder_crop_fraction: float = 0.0  # leading share of decoder steps on 32 px crops (8x8 latents), ~1/3 the cost
     decoder_edge_weight: float = 0.0  # weight of an L1 loss on pixel differences (edges, tips) beside MSE + L1

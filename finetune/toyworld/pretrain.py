@@ -47,10 +47,22 @@ def _cosine(step: int, total: int, peak: float, floor: float, warmup: int = 0) -
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
+def split_held_out(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out, training) parts of the pool: the first min(256, 1/4) renders are never trained on."""
+    held = min(256, len(pool) // 4)
+    return pool[:held], pool[held:]
+
+
+def random_window(size: int, window: int, generator: torch.Generator) -> tuple[int, int]:
+    """Top-left (y, x) of a random window x window square inside a size x size grid (one generator draw)."""
+    y, x = torch.randint(0, size - window + 1, (2,), generator=generator).tolist()
+    return y, x
+
+
 def train_vae(vae, pool: torch.Tensor, cfg: PretrainConfig, log, device) -> float:
-    """Train the autoencoder to reconstruct the pool; returns the final PSNR (dB) on 256 held-back images."""
+    """Train the autoencoder to reconstruct the pool; returns the final PSNR (dB) on the held-out renders."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    held_out, train_pool = pool[:256], pool[256:]
+    held_out, train_pool = split_held_out(pool)
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     crop_steps = int(cfg.vae_steps * cfg.vae_crop_fraction)
@@ -62,7 +74,7 @@ def train_vae(vae, pool: torch.Tensor, cfg: PretrainConfig, log, device) -> floa
         batch = _to_unit(train_pool[index]).to(device)
         if step < crop_steps:
             # Plain backgrounds and shape edges look the same at any scale: crops teach them 4x cheaper.
-            y, x = torch.randint(0, 33, (2,), generator=generator).tolist()
+            y, x = random_window(batch.shape[-1], 32, generator)
             batch = batch[:, :, y:y + 32, x:x + 32]
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
@@ -100,7 +112,7 @@ def train_decoder(vae, pool: torch.Tensor, means: torch.Tensor, cfg: PretrainCon
         target, latents = _to_unit(pool[index]).to(device), means[index]
         if step < crop_steps:
             window = latent_size // 2
-            y, x = torch.randint(0, latent_size - window + 1, (2,), generator=generator).tolist()
+            y, x = random_window(latent_size, window, generator)
             latents = latents[:, :, y:y + window, x:x + window]
             target = target[:, :, y * factor:(y + window) * factor, x * factor:(x + window) * factor]
         recon = vae.decode(latents).sample
@@ -232,10 +244,9 @@ def pretrain(cfg: PretrainConfig, output: Path, log=print):
 
     if cfg.decoder_steps:
         mark = time.time()
-        held = min(256, len(pool) // 4)  # as for the VAE: the first 256 renders are never trained on
-        held_out = pool[:held]
+        held_out, train_pool = split_held_out(pool)  # the same renders the VAE was kept from
         before = reconstruction_psnr(pipe.vae, held_out, device)
-        train_decoder(pipe.vae, pool[held:], means[held:], cfg, log, device)
+        train_decoder(pipe.vae, train_pool, means[len(held_out):], cfg, log, device)
         psnr = reconstruction_psnr(pipe.vae, held_out, device)
         timings["decoder_s"] = round(time.time() - mark, 1)
         log(f"decoder: PSNR {before:.2f} -> {psnr:.2f} dB on held-out images ({timings['decoder_s']} s)")

@@ -31,8 +31,8 @@ PROMPTS = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default="tiny", help="tiny or a folder from `sdft toy-base`")
-    parser.add_argument("--samples", type=int, default=24, help="images per prompt (seeds 0..N-1)")
+    parser.add_argument("model", nargs="?", default="tiny", help="tiny, a folder from `sdft toy-base` or any pipeline folder")
+    parser.add_argument("--samples", type=int, default=24, help="images per prompt and guidance")
     parser.add_argument("--first-seed", type=int, default=0, help="sampling seeds first-seed .. first-seed+N-1")
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.5])
     parser.add_argument("--prompts", nargs="+", default=list(PROMPTS))

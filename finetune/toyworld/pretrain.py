@@ -244,7 +244,7 @@ def pretrain(cfg: PretrainConfig, output: Path, log=print):
 
     if cfg.decoder_steps:
         mark = time.time()
-        held_out, train_pool = split_held_out(pool)  # the same renders the VAE was kept from
+        held_out, train_pool = split_held_out(pool)  # as in train_vae: renders this run never trains on
         before = reconstruction_psnr(pipe.vae, held_out, device)
         train_decoder(pipe.vae, train_pool, means[len(held_out):], cfg, log, device)
         psnr = reconstruction_psnr(pipe.vae, held_out, device)

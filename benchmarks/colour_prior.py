@@ -1,4 +1,6 @@
-"""Which colour and shape does a toy base draw when a prompt leaves them out? One line per prompt.
+"""What a toy base (or a fine-tune of it) draws for prompts: colour, shape, background and star counts, a line each.
+
+By default it asks which colour and shape the base picks when a prompt leaves them out:
 
     python benchmarks/colour_prior.py tiny --samples 24
     python benchmarks/colour_prior.py /path/from/sdft-toy-base --samples 24
@@ -8,9 +10,9 @@ Any pipeline folder works (a fine-tune's `pipeline/` too); `--prompts` replaces 
 also counts strict stars, so a trained concept can be probed by phrasing and guidance.
 
 The toy world's renders spread colours evenly over backgrounds, so an unbiased base would answer "a photo of a
-shape on a black background" with all six colours. A base that collapses onto one or two colours there (classifier
--free guidance sharpens whatever preference the model has) is what a fine-tuned concept must overcome on that
-background; the last two prompts ask for an unknown token, as a fine-tune's prompts do before training.
+shape on a black background" with all six colours. A base that collapses onto one or two colours there
+(classifier-free guidance sharpens whatever preference the model has) is what a fine-tuned concept must overcome
+on that background; the last two default prompts ask for an unknown token, as a fine-tune's do before training.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ PROMPTS = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default="tiny", help="tiny, a folder from `sdft toy-base` or any pipeline folder")
+    parser.add_argument("model", nargs="?", default="tiny",
+                        help="tiny, a folder from `sdft toy-base` or any pipeline folder")
     parser.add_argument("--samples", type=int, default=24, help="images per prompt and guidance")
     parser.add_argument("--first-seed", type=int, default=0, help="sampling seeds first-seed .. first-seed+N-1")
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.5])

@@ -1,0 +1,97 @@
+"""Score one trained model with the quality bench's own evaluation, outside `sdft bench-quality`.
+
+    python benchmarks/score_run.py RUN --token "sks" --bench BENCH_OUTPUT
+    python benchmarks/score_run.py PIPELINE_FOLDER --token "<sks> <sks>_1" --bench BENCH_OUTPUT
+    python benchmarks/score_run.py --sheets BENCH_OUTPUT/runs/*       # counts from concept sheets already written
+
+RUN is a `sdft train` output folder: its `pipeline/` if it has one (DreamBooth), else the base named in its
+config.yaml with its pytorch_lora_weights.safetensors loaded by diffusers' own loader (LoRA). The scores are
+`finetune.toyworld.bench.evaluate`'s (100 concept prompts, 96 class prompts, the bench's seeds), drift against
+the base's class accuracy stored in BENCH_OUTPUT/results.json; a concept-sheet.png (a row of 25 per background)
+is written next to RUN. For every sheet, the checker's colour and shape counts per background row are printed:
+what the table's single numbers hide (which backgrounds fail, and what is drawn there instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+TILE = 64  # the toy world's image size: sheets are grids of these
+
+
+def load_run(path: Path):
+    """A pipeline for a run folder or a pipeline folder (see the module docstring)."""
+    import yaml
+
+    from finetune.models import load_pipeline
+
+    if (path / "model_index.json").exists():
+        return load_pipeline(str(path))
+    if (path / "pipeline" / "model_index.json").exists():
+        return load_pipeline(str(path / "pipeline"))
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    pipe = load_pipeline(config["model"]["name"])
+    pipe.load_lora_weights(str(path / "pytorch_lora_weights.safetensors"))
+    return pipe
+
+
+def sheet_counts(sheet_path: Path) -> dict[str, dict]:
+    """Per background row of a concept sheet: the checker's colour and shape (or 'star') counts."""
+    from PIL import Image
+
+    from finetune.toyworld.checker import check
+    from finetune.toyworld.world import BACKGROUNDS
+
+    sheet = Image.open(sheet_path).convert("RGB")
+    columns = sheet.width // TILE
+    rows = {}
+    for row, background in enumerate(BACKGROUNDS):
+        verdicts = [check(sheet.crop((c * TILE, row * TILE, (c + 1) * TILE, (row + 1) * TILE)))
+                    for c in range(columns)]
+        rows[background] = {
+            "background_right": sum(v.background == background for v in verdicts),
+            "colours": dict(collections.Counter(str(v.colour) for v in verdicts).most_common()),
+            "shapes": dict(collections.Counter("star" if v.star else str(v.shape) for v in verdicts).most_common()),
+        }
+    return rows
+
+
+def print_counts(name: str, rows: dict[str, dict]) -> None:
+    print(name)
+    for background, row in rows.items():
+        print(f"  {background:6s} background right {row['background_right']:2d}  colours {row['colours']}  "
+              f"shapes {row['shapes']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run or pipeline folders (with --sheets: folders holding a sheet)")
+    parser.add_argument("--token", default="sks", help="the trained word as it appears in prompts")
+    parser.add_argument("--bench", help="a bench output folder: its results.json gives the base's class accuracy")
+    parser.add_argument("--sheets", action="store_true", help="only count existing concept-sheet.png files")
+    args = parser.parse_args()
+
+    for run in map(Path, args.runs):
+        if not args.sheets:
+            from finetune.plots import image_grid
+            from finetune.toyworld.bench import evaluate
+            from finetune.toyworld.settings import QualityBenchConfig
+
+            cfg = QualityBenchConfig()
+            pipe = load_run(run)
+            pipe.text_encoder.eval()
+            pipe.unet.eval()
+            scores, concept_images, _ = evaluate(pipe, args.token, cfg)
+            if args.bench:
+                base = json.loads((Path(args.bench) / "results.json").read_text())["base"]["class_accuracy"]
+                scores["class_drift"] = round(base - scores["class_accuracy"], 4)
+            image_grid(concept_images, cfg.samples_per_background).save(run / "concept-sheet.png")
+            print(json.dumps({"run": str(run), **scores}))
+        print_counts(str(run), sheet_counts(run / "concept-sheet.png"))
+
+
+if __name__ == "__main__":
+    main()

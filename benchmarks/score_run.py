@@ -8,7 +8,7 @@ RUN is a `sdft train` output folder: its `pipeline/` if it has one (DreamBooth),
 config.yaml with its pytorch_lora_weights.safetensors loaded by diffusers' own loader (LoRA). The scores are
 `finetune.toyworld.bench.evaluate`'s (100 concept prompts, 96 class prompts, the bench's seeds), drift against
 the base's class accuracy stored in BENCH_OUTPUT/results.json; a concept-sheet.png (a row of 25 per background)
-is written next to RUN. For every sheet, the checker's colour and shape counts per background row are printed:
+is written into RUN. For every sheet, the checker's colour and shape counts per background row are printed:
 what the table's single numbers hide (which backgrounds fail, and what is drawn there instead).
 """
 
@@ -18,8 +18,6 @@ import argparse
 import collections
 import json
 from pathlib import Path
-
-TILE = 64  # the toy world's image size: sheets are grids of these
 
 
 def load_run(path: Path):
@@ -43,7 +41,7 @@ def sheet_counts(sheet_path: Path) -> dict[str, dict]:
     from PIL import Image
 
     from finetune.toyworld.checker import check
-    from finetune.toyworld.world import BACKGROUNDS
+    from finetune.toyworld.world import BACKGROUNDS, IMAGE_SIZE as TILE  # sheets are grids of world images
 
     sheet = Image.open(sheet_path).convert("RGB")
     columns = sheet.width // TILE
@@ -74,20 +72,22 @@ def main() -> None:
     parser.add_argument("--sheets", action="store_true", help="only count existing concept-sheet.png files")
     args = parser.parse_args()
 
+    if not args.sheets:
+        from finetune.plots import image_grid
+        from finetune.toyworld.bench import evaluate
+        from finetune.toyworld.settings import QualityBenchConfig
+
+        cfg = QualityBenchConfig()
+        base_accuracy = (json.loads((Path(args.bench) / "results.json").read_text())["base"]["class_accuracy"]
+                         if args.bench else None)
     for run in map(Path, args.runs):
         if not args.sheets:
-            from finetune.plots import image_grid
-            from finetune.toyworld.bench import evaluate
-            from finetune.toyworld.settings import QualityBenchConfig
-
-            cfg = QualityBenchConfig()
             pipe = load_run(run)
             pipe.text_encoder.eval()
             pipe.unet.eval()
             scores, concept_images, _ = evaluate(pipe, args.token, cfg)
-            if args.bench:
-                base = json.loads((Path(args.bench) / "results.json").read_text())["base"]["class_accuracy"]
-                scores["class_drift"] = round(base - scores["class_accuracy"], 4)
+            if base_accuracy is not None:
+                scores["class_drift"] = round(base_accuracy - scores["class_accuracy"], 4)
             image_grid(concept_images, cfg.samples_per_background).save(run / "concept-sheet.png")
             print(json.dumps({"run": str(run), **scores}))
         print_counts(str(run), sheet_counts(run / "concept-sheet.png"))

@@ -178,10 +178,27 @@ class DreamBoothConfig:
     text_encoder_lr: float | None = opt(None, "text-encoder lr (default: --lr)")
 
 
-# Which section each method owns; a method's subcommand offers the shared sections plus its own.
+@dataclass
+class PivotalConfig:
+    steps: int = opt(0, "pivotal tuning: first train only the new word's embedding for this many steps (as textual "
+                     "inversion does), then the method trains on top of that word (0 = off; data.token must be a "
+                     "word the tokenizer does not know, e.g. '<sks>')", flag="pivotal-steps")
+    lr: float = opt(5e-3, "learning rate of the embedding phase", flag="pivotal-lr")
+    vectors: int = opt(2, "embedding vectors of the new word", flag="pivotal-vectors")
+    init_word: str = opt("", "word (or phrase) the embedding starts from (default: data.class_word)",
+                         flag="pivotal-init-word")
+    norm: float | None = opt(None, "rescale every learned vector to this length before the method's phase (unset: "
+                             "keep them); textual inversion leaves them far longer than the base's own words, and an "
+                             "over-long word drowns the rest of the prompt (toy base: 0.2, see benchmarks/README.md)",
+                             flag="pivotal-norm")
+
+
+# Which section each method owns; a method's subcommand offers the shared sections plus its own (and extras).
 METHOD_SECTIONS: dict[str, str] = {
     "lora": "lora", "textual_inversion": "textual_inversion", "hypernetwork": "hypernetwork",
     "dreambooth": "dreambooth"}
+# Sections some methods share besides their own: pivotal tuning starts LoRA and DreamBooth from a learned word.
+METHOD_EXTRA_SECTIONS: dict[str, tuple[str, ...]] = {"lora": ("pivotal",), "dreambooth": ("pivotal",)}
 SHARED_SECTIONS = ("model", "data", "train", "prior", "output")
 
 # Per-method defaults that differ from the dataclass defaults (dotted keys).
@@ -206,6 +223,7 @@ class RunConfig:
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     hypernetwork: HypernetworkConfig = field(default_factory=HypernetworkConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    pivotal: PivotalConfig = field(default_factory=PivotalConfig)
 
     @classmethod
     def for_method(cls, method: str) -> "RunConfig":
@@ -219,7 +237,7 @@ class RunConfig:
 
     def sections(self) -> list[str]:
         """The sections that matter for this config's method."""
-        return [*SHARED_SECTIONS, METHOD_SECTIONS[self.method]]
+        return [*SHARED_SECTIONS, METHOD_SECTIONS[self.method], *METHOD_EXTRA_SECTIONS.get(self.method, ())]
 
     def set(self, dotted: str, value: Any) -> None:
         """Set `section.key` to `value` (strings are parsed to the field's type)."""
@@ -280,6 +298,11 @@ class RunConfig:
             raise UserError("train.lr must be > 0")
         if self.data.buckets and (self.data.bucket_step < 8 or self.data.bucket_step % 8):
             raise UserError("data.bucket_step must be a multiple of 8 (the VAE's downsampling), e.g. 64")
+        if "pivotal" in self.sections() and self.pivotal.steps:
+            if self.pivotal.steps < 0 or self.pivotal.vectors < 1 or self.pivotal.lr <= 0:
+                raise UserError("pivotal.steps must be >= 0, pivotal.vectors >= 1 and pivotal.lr > 0")
+            if self.pivotal.norm is not None and self.pivotal.norm <= 0:
+                raise UserError(f"pivotal.norm must be > 0 (or unset), got {self.pivotal.norm}")
         if self.prior.enabled and not self.data.class_word and "{class}" in self.prior.class_prompt:
             raise UserError("prior preservation needs --class-word (e.g. dog), or --no-prior")
 
@@ -362,7 +385,7 @@ def _scalar(value: Any, kind: type) -> Any:
 
 
 _SECTION_CLASSES = [ModelConfig, DataConfig, TrainConfig, PriorConfig, OutputConfig, LoraConfig,
-                    TextualInversionConfig, HypernetworkConfig, DreamBoothConfig]
+                    TextualInversionConfig, HypernetworkConfig, DreamBoothConfig, PivotalConfig]
 
 
 def _owner_of(f: dataclasses.Field) -> type:

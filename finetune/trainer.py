@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import UserError
+from . import UserError, pivotal
 from .batching import CaptionOptions, InstanceBatches
 from .checkpoint import ADAPTER_FILE, load_trainer_state, resolve_resume, save_checkpoint
 from .config import RunConfig, save_config
@@ -50,6 +50,10 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
 
     config.validate()
     started = time.time()
+    word = None
+    if pivotal.enabled(config):
+        # Phase 1 is a whole run of its own (own accelerator state): it must finish before this run's starts.
+        word = pivotal.learn_word(config, components)
     # accelerate keeps its state in a process-wide singleton; a second run in the same process (library use,
     # tests) with another mixed-precision setting must start from a clean one. The process group is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -68,6 +72,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                              keep_alpha=config.data.alpha_mask)
     if components is None:
         components = load_components(config.model.name, config.model.single_file_config)
+    if word is not None:
+        word.install(components)
     resolution = config.data.resolution or components.resolution
     warn_small_images(examples, resolution)
     prediction_type = config.model.prediction_type or components.noise_scheduler.config.prediction_type
@@ -159,7 +165,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         accelerator.init_trackers("sdft", config=_flat_hparams(config))
 
     def encode_text(captions: list[str]) -> torch.Tensor:
-        prompts = [strategy.expand_prompt(c) for c in captions]
+        prompts = [strategy.expand_prompt(word.expand(c) if word else c) for c in captions]
         if strategy.trains_text_encoder():
             return text_encoder(_tokenize(components.tokenizer, prompts, accelerator.device))[0]
         missing = [p for p in dict.fromkeys(prompts) if p not in text_cache]
@@ -289,6 +295,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         loss_plot(history["steps"], history["losses"], out / "loss.png", f"sdft {config.method} loss")
         exports = strategy.export(out, formats, {
             "config": (out / "config.yaml").read_text(), "resolution": str(resolution), "steps": str(tcfg.steps)})
+        if word is not None:
+            exports["embedding"] = word.export(components, out, {"steps": str(tcfg.steps)})
         losses = history["losses"]
         summary = {
             "method": config.method,

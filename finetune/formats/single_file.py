@@ -223,10 +223,16 @@ def pipeline_state_dict(pipe) -> dict[str, torch.Tensor]:
         # SD2 single files store OpenCLIP (`cond_stage_model.model.transformer.resblocks...`, fused qkv, 24 layers
         # while diffusers keeps 23): the SD1 layout below would load in diffusers but not in A1111/ComfyUI.
         raise ValueError("SD2 (OpenCLIP) text encoders are not supported by this writer; only SD1-style CLIP")
+    text_state = text_encoder_to_ldm(pipe.text_encoder.state_dict())
+    rows_key, base_rows = "embeddings.token_embedding.weight", pipe.tokenizer.vocab_size
+    if text_state[rows_key].shape[0] > base_rows:
+        # Words added to the tokenizer (a pivotal run's new word) have no place in a single file: its readers
+        # build CLIP with the fixed vocabulary and refuse extra rows. The word ships as an embedding file instead.
+        text_state[rows_key] = text_state[rows_key][:base_rows]
     state: dict[str, torch.Tensor] = {}
     for prefix, part in ((UNET_PREFIX, unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config)),
                          (VAE_PREFIX, vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config)),
-                         (TEXT_PREFIX, text_encoder_to_ldm(pipe.text_encoder.state_dict()))):
+                         (TEXT_PREFIX, text_state)):
         state.update({prefix + key: tensor for key, tensor in part.items()})
     return state
 

@@ -164,7 +164,7 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
         log(f"base: {scores}")
 
     for method in cfg.methods:
-        strategy, recipe = BENCH_METHODS[method]
+        strategy, recipe, method_overrides = BENCH_METHODS[method]
         grid_rows = []
         for prior in cfg.priors:
             for seed in cfg.seeds:
@@ -181,7 +181,7 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
                     overrides += [f"prior.class_images={folder}", f"prior.num_class_images={cfg.class_images}"]
                 if cfg.steps:
                     overrides.append(f"train.steps={cfg.steps}")
-                overrides += cfg.overrides
+                overrides += [*method_overrides, *cfg.overrides]
                 config = load_recipe(Path(cfg.recipes) / recipe, overrides)
                 assert config.method == strategy, f"{recipe} trains {config.method}, expected {strategy}"
                 started = time.time()

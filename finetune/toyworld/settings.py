@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Bench method name -> (strategy, recipe file in recipes/). DreamBooth-LoRA is a recipe, not a strategy.
+# Bench method name -> (strategy, recipe file in recipes/, overrides). DreamBooth-LoRA is a recipe, not a
+# strategy; the pivotal variants are their recipe started from a textual-inversion word (finetune/pivotal.py),
+# with the settings measured in benchmarks/README.md (session 8: vectors rescaled to 0.2 long).
+PIVOTAL_OVERRIDES = ("data.token=<sks>", "pivotal.steps=400", "pivotal.norm=0.2", "pivotal.init_word=shape")
 BENCH_METHODS = {
-    "textual-inversion": ("textual_inversion", "tiny_textual_inversion.yaml"),
-    "hypernetwork": ("hypernetwork", "tiny_hypernetwork.yaml"),
-    "lora": ("lora", "tiny_lora.yaml"),
-    "dreambooth": ("dreambooth", "tiny_dreambooth.yaml"),
-    "dreambooth-lora": ("lora", "tiny_dreambooth_lora.yaml"),
+    "textual-inversion": ("textual_inversion", "tiny_textual_inversion.yaml", ()),
+    "hypernetwork": ("hypernetwork", "tiny_hypernetwork.yaml", ()),
+    "lora": ("lora", "tiny_lora.yaml", ()),
+    "dreambooth": ("dreambooth", "tiny_dreambooth.yaml", ()),
+    "dreambooth-lora": ("lora", "tiny_dreambooth_lora.yaml", ()),
+    "dreambooth-pivotal": ("dreambooth", "tiny_dreambooth.yaml", PIVOTAL_OVERRIDES),
+    "dreambooth-lora-pivotal": ("lora", "tiny_dreambooth_lora.yaml", PIVOTAL_OVERRIDES),
 }
 
 @dataclass

@@ -3,9 +3,11 @@
     python benchmarks/score_run.py RUN --token "sks" --bench BENCH_OUTPUT
     python benchmarks/score_run.py PIPELINE_FOLDER --token "<sks> <sks>_1" --bench BENCH_OUTPUT
     python benchmarks/score_run.py --sheets BENCH_OUTPUT/runs/*       # counts from concept sheets already written
+    python benchmarks/score_run.py tiny RUN... --guidance 5           # the base and runs at another guidance
 
 RUN is a `sdft train` output folder: its `pipeline/` if it has one (DreamBooth), else the base named in its
-config.yaml with its pytorch_lora_weights.safetensors loaded by diffusers' own loader (LoRA). The scores are
+config.yaml with its pytorch_lora_weights.safetensors (and a pivotal run's learned_embeds.safetensors) loaded
+by diffusers' own loaders (LoRA); a name without a run folder is a base. The scores are
 `finetune.toyworld.bench.evaluate`'s (100 concept prompts, 96 class prompts, the bench's seeds), drift against
 the base's class accuracy stored in BENCH_OUTPUT/results.json; a concept-sheet.png (a row of 25 per background)
 is written into RUN. For every sheet, the checker's colour and shape counts per background row are printed:
@@ -30,9 +32,13 @@ def load_run(path: Path):
         return load_pipeline(str(path))
     if (path / "pipeline" / "model_index.json").exists():
         return load_pipeline(str(path / "pipeline"))
+    if not (path / "config.yaml").exists():
+        return load_pipeline(str(path))  # a base: "tiny" or a folder load_pipeline understands
     config = yaml.safe_load((path / "config.yaml").read_text())
     pipe = load_pipeline(config["model"]["name"])
     pipe.load_lora_weights(str(path / "pytorch_lora_weights.safetensors"))
+    if (path / "learned_embeds.safetensors").exists():  # a pivotal run's word
+        pipe.load_textual_inversion(str(path / "learned_embeds.safetensors"))
     return pipe
 
 
@@ -70,6 +76,11 @@ def main() -> None:
     parser.add_argument("--token", default="sks", help="the trained word as it appears in prompts")
     parser.add_argument("--bench", help="a bench output folder: its results.json gives the base's class accuracy")
     parser.add_argument("--sheets", action="store_true", help="only count existing concept-sheet.png files")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="sample at this guidance instead of the bench's (the sheet is then concept-sheet-gG.png, "
+                             "and drift needs --base-accuracy measured at the same guidance: score `tiny` itself)")
+    parser.add_argument("--base-accuracy", type=float, default=None,
+                        help="the base's class accuracy to compute drift against (default: the bench's results.json)")
     args = parser.parse_args()
 
     if not args.sheets:
@@ -78,8 +89,12 @@ def main() -> None:
         from finetune.toyworld.settings import QualityBenchConfig
 
         cfg = QualityBenchConfig()
-        base_accuracy = (json.loads((Path(args.bench) / "results.json").read_text())["base"]["class_accuracy"]
-                         if args.bench else None)
+        base_accuracy = args.base_accuracy
+        if base_accuracy is None and args.bench and args.guidance is None:
+            base_accuracy = json.loads((Path(args.bench) / "results.json").read_text())["base"]["class_accuracy"]
+        if args.guidance is not None:
+            cfg.guidance = args.guidance
+    sheet_name = "concept-sheet.png" if args.guidance is None else f"concept-sheet-g{args.guidance:g}.png"
     for run in map(Path, args.runs):
         if not args.sheets:
             pipe = load_run(run)
@@ -88,9 +103,11 @@ def main() -> None:
             scores, concept_images, _ = evaluate(pipe, args.token, cfg)
             if base_accuracy is not None:
                 scores["class_drift"] = round(base_accuracy - scores["class_accuracy"], 4)
-            image_grid(concept_images, cfg.samples_per_background).save(run / "concept-sheet.png")
-            print(json.dumps({"run": str(run), **scores}))
-        print_counts(str(run), sheet_counts(run / "concept-sheet.png"))
+            print(json.dumps({"run": str(run), "guidance": cfg.guidance, **scores}))
+            if not run.is_dir():
+                continue  # a base by name: nothing to write a sheet into
+            image_grid(concept_images, cfg.samples_per_background).save(run / sheet_name)
+        print_counts(str(run), sheet_counts(run / sheet_name))
 
 
 if __name__ == "__main__":

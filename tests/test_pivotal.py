@@ -60,6 +60,8 @@ def test_dreambooth_pipeline_knows_the_word_and_single_file_keeps_clip_vocabular
     from safetensors import safe_open
 
     from finetune.inference import pipeline_from_components
+    from finetune.models import load_pipeline
+    from finetune.strategies.dreambooth import load_into
     from finetune.trainer import run_training
 
     vocab = tiny_components.tokenizer.vocab_size
@@ -75,8 +77,12 @@ def test_dreambooth_pipeline_knows_the_word_and_single_file_keeps_clip_vocabular
     ids = saved.tokenizer.convert_tokens_to_ids(["<sks>", "<sks>_1"])
     assert ids == [vocab, vocab + 1]
     torch.testing.assert_close(saved.text_encoder.get_input_embeddings().weight.detach()[ids], shipped)
-    np.testing.assert_allclose(render(saved, PROMPT), render(pipeline_from_components(outcome.components), PROMPT),
-                               atol=2e-4)
+    trained = render(pipeline_from_components(outcome.components), PROMPT)
+    np.testing.assert_allclose(render(saved, PROMPT), trained, atol=2e-4)
+    # The folder as an adapter on a fresh base (sdft generate --adapter): the word comes with it.
+    fresh = load_pipeline("tiny")
+    load_into(fresh, str(tmp_path / "pipeline"))
+    np.testing.assert_allclose(render(fresh, PROMPT), trained, atol=2e-4)
 
     (single,) = outcome.summary["exports"]["single_file"]
     with safe_open(single, framework="pt") as fh:

@@ -108,6 +108,28 @@ def _blend_into(module, tuned_state: dict, scale: float) -> None:
             target.copy_(tuned if scale == 1.0 else target + scale * (tuned - target))
 
 
+def _install_added_words(pipe, folder: Path) -> None:
+    """Words the fine-tune added to its tokenizer (a pivotal run's new word) join the pipeline, with their rows
+    exactly as trained (whatever the blend scale: the base has no such word to blend with)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .textual_inversion import add_placeholder_tokens
+
+    if not (folder / "tokenizer").is_dir() or not (folder / "text_encoder").is_dir():
+        return
+    known = pipe.tokenizer.get_vocab()
+    tuned_tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    added = {word: index for word, index in tuned_tokenizer.get_added_vocab().items() if word not in known}
+    if not added:
+        return
+    words = sorted(added, key=added.get)
+    rows = CLIPTextModel.from_pretrained(folder / "text_encoder").get_input_embeddings().weight.detach()
+    ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, words)
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[ids] = rows[[added[w] for w in words]].to(weight.device, weight.dtype)
+
+
 def load_into(pipe, path: str, scale: float = 1.0) -> str:
     """Replace the pipeline's UNet (and text encoder, if it was trained) by a fine-tuned one, blended
     with the current weights by `scale`."""
@@ -126,6 +148,7 @@ def load_into(pipe, path: str, scale: float = 1.0) -> str:
         return folder.stem
     marker = folder / MARKER_FILE
     info = json.loads(marker.read_text()) if marker.is_file() else {"train_text_encoder": True}
+    _install_added_words(pipe, folder)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     _blend_into(pipe.unet, unet.state_dict(), scale)
     if info.get("train_text_encoder") and (folder / "text_encoder").is_dir():

@@ -79,7 +79,7 @@ class QualityBenchConfig:
     class_prompts: int = 24
     samples_per_class_prompt: int = 4  # 96 class samples per run
     sample_steps: int = 25
-    guidance: float = 7.5  # chosen on base stage 4; base v4 scored higher at 5 on one seed (benchmarks/README.md, session 9)
+    guidance: float = 7.5  # set on an earlier base; v4 scored higher at 5 on one seed (benchmarks/README.md, s. 9)
     steps: int | None = None  # override every recipe's train.steps (smoke runs)
     recipes: str = "recipes"
     # Recipe overrides for every run (e.g. train.lr=5e-4 prior.batch_size=16): tune a method without editing

@@ -108,22 +108,24 @@ def _blend_into(module, tuned_state: dict, scale: float) -> None:
             target.copy_(tuned if scale == 1.0 else target + scale * (tuned - target))
 
 
-def _install_added_words(pipe, folder: Path) -> None:
-    """Words the fine-tune added to its tokenizer (a pivotal run's new word) join the pipeline, with their rows
-    exactly as trained (whatever the blend scale: the base has no such word to blend with)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+def _added_words(pipe, folder: Path) -> dict[str, int]:
+    """Words the fine-tune's tokenizer has and the pipeline's lacks (a pivotal run's new word): {word: row}."""
+    from transformers import CLIPTokenizer
 
-    from .textual_inversion import add_placeholder_tokens
-
-    if not (folder / "tokenizer").is_dir() or not (folder / "text_encoder").is_dir():
-        return
+    if not (folder / "tokenizer").is_dir():
+        return {}
     known = pipe.tokenizer.get_vocab()
     tuned_tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    added = {word: index for word, index in tuned_tokenizer.get_added_vocab().items() if word not in known}
-    if not added:
-        return
+    return {word: row for word, row in tuned_tokenizer.get_added_vocab().items() if word not in known}
+
+
+def _install_words(pipe, added: dict[str, int], tuned_text_encoder) -> None:
+    """Add `added` to the pipeline with their rows exactly as trained (whatever the blend scale: the base has
+    no such word to blend with)."""
+    from .textual_inversion import add_placeholder_tokens
+
     words = sorted(added, key=added.get)
-    rows = CLIPTextModel.from_pretrained(folder / "text_encoder").get_input_embeddings().weight.detach()
+    rows = tuned_text_encoder.get_input_embeddings().weight.detach()
     ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, words)
     weight = pipe.text_encoder.get_input_embeddings().weight
     with torch.no_grad():
@@ -132,7 +134,7 @@ def _install_added_words(pipe, folder: Path) -> None:
 
 def load_into(pipe, path: str, scale: float = 1.0) -> str:
     """Replace the pipeline's UNet (and text encoder, if it was trained) by a fine-tuned one, blended
-    with the current weights by `scale`."""
+    with the current weights by `scale`; words the fine-tune added to its tokenizer join the pipeline."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -148,12 +150,16 @@ def load_into(pipe, path: str, scale: float = 1.0) -> str:
         return folder.stem
     marker = folder / MARKER_FILE
     info = json.loads(marker.read_text()) if marker.is_file() else {"train_text_encoder": True}
-    _install_added_words(pipe, folder)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     _blend_into(pipe.unet, unet.state_dict(), scale)
-    if info.get("train_text_encoder") and (folder / "text_encoder").is_dir():
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
-        _blend_into(pipe.text_encoder, text_encoder.state_dict(), scale)
+    added = _added_words(pipe, folder)
+    train_te = bool(info.get("train_text_encoder"))
+    if (added or train_te) and (folder / "text_encoder").is_dir():
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")  # read once for both uses
+        if added:
+            _install_words(pipe, added, text_encoder)
+        if train_te:
+            _blend_into(pipe.text_encoder, text_encoder.state_dict(), scale)
     return folder.name
 
 

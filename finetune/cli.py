@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "background by the analytic checker)", allow_abbrev=False)
     p.add_argument("model", nargs="?", default="tiny", help="base folder (default: the built-in tiny base)")
     p.add_argument("--seeds", type=int, nargs="+", default=[7], help="sampling seeds per prompt (default: 7)")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=QualityBenchConfig.guidance,
+                   help="guidance scale (default: the quality bench's, %(default)s)")
     p.add_argument("--grid", default=None, help="also save every sample as one PNG grid here")
     p = sub.add_parser("generate", help="generate images with a base model and adapters", allow_abbrev=False)
     p.add_argument("--model", default="tiny", help="base model (as for training)")

@@ -72,7 +72,8 @@ def generate_batched(pipe, prompts: list[str], seeds: list[int], steps: int, gui
     return images
 
 
-def score_base(model: str = "tiny", seeds: list[int] = (7,), guidance: float = 7.5, grid: str | None = None,
+def score_base(model: str = "tiny", seeds: list[int] = (7,),
+               guidance: float = QualityBenchConfig.guidance, grid: str | None = None,
                steps: int = 25) -> dict[str, float]:
     """Accuracy of a toy-world base on its 96 prompts "a {colour} {shape} on a {background} background"."""
     from ..models import load_pipeline
@@ -148,7 +149,7 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     earlier = results.get("config", {})
     # Results written before a setting existed were made with its old default.
-    for name, default in (("base", "tiny"), ("prior_images", "generated"), ("overrides", [])):
+    for name, default in (("base", "tiny"), ("prior_images", "generated"), ("overrides", []), ("guidance", 7.5)):
         if results["runs"] and earlier.get(name, default) != getattr(cfg, name):
             raise UserError(f"{out} holds runs with {name} {earlier.get(name, default)!r}; bench "
                             f"{getattr(cfg, name)!r} into another --output")

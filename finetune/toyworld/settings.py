@@ -79,7 +79,10 @@ class QualityBenchConfig:
     class_prompts: int = 24
     samples_per_class_prompt: int = 4  # 96 class samples per run
     sample_steps: int = 25
-    guidance: float = 7.5  # set on an earlier base; v4 scored higher at 5 on one seed (benchmarks/README.md, s. 9)
+    # Guidance 5 (the feasibility run used it too): on base v4 it beats 7.5 on the base's own prompts (0.93 vs
+    # 0.92 on 288 samples) and on 3 DreamBooth seeds (orange star 0.49 vs 0.41, drift 0.02 vs 0.05): 7.5 pushes
+    # orange to red on light backgrounds. Folders benched before session 10 sampled at 7.5.
+    guidance: float = 5.0
     steps: int | None = None  # override every recipe's train.steps (smoke runs)
     recipes: str = "recipes"
     # Recipe overrides for every run (e.g. train.lr=5e-4 prior.batch_size=16): tune a method without editing

@@ -18,15 +18,18 @@ def _pivotal_config(method: str, output, **dotted):
                                           "pivotal.init_word": "shape", "prior.enabled": False, **dotted})
 
 
-def test_lora_files_and_word_reproduce_the_trained_model(tmp_path, tiny_components):
+@pytest.mark.parametrize("text_encoder_lora", [False, True], ids=["unet-lora", "unet-and-text-encoder-lora"])
+def test_lora_files_and_word_reproduce_the_trained_model(tmp_path, tiny_components, text_encoder_lora):
     """Phase 1 learns the word (and ships it), phase 2's LoRA trains with it; diffusers' own loaders
-    (load_lora_weights + load_textual_inversion) on a fresh base draw what the trained model draws."""
+    (load_lora_weights + load_textual_inversion) on a fresh base draw what the trained model draws. With a
+    text-encoder LoRA too, the LoRA file holds only LoRA weights (not the grown token embedding)."""
     from finetune.inference import pipeline_from_components
     from finetune.models import load_pipeline
     from finetune.trainer import run_training
 
     base_rows = tiny_components.text_encoder.get_input_embeddings().weight.detach().clone()
-    config = _pivotal_config("lora", tmp_path, **{"lora.targets": "all", "train.lr": 1e-2})
+    config = _pivotal_config("lora", tmp_path, **{"lora.targets": "all", "train.lr": 1e-2,
+                                                  "lora.train_text_encoder": text_encoder_lora})
     outcome = run_training(config, tiny_components)
 
     phase = embeddings.read_embeddings(tmp_path / "pivotal" / embeddings.DIFFUSERS_FILE)["<sks>"]
@@ -42,6 +45,12 @@ def test_lora_files_and_word_reproduce_the_trained_model(tmp_path, tiny_componen
     now = outcome.components.text_encoder.get_input_embeddings().weight.detach()
     assert torch.equal(now[: base_rows.shape[0]], base_rows)
     assert outcome.summary["exports"]["embedding"]
+
+    from safetensors.torch import load_file
+
+    lora_keys = list(load_file(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert not [k for k in lora_keys if "lora" not in k], "non-LoRA weights in the LoRA file"
+    assert any(k.startswith("text_encoder.") for k in lora_keys) == text_encoder_lora
 
     trained = render(pipeline_from_components(outcome.components), PROMPT)
     pipe = load_pipeline("tiny")

@@ -109,9 +109,13 @@ class LoraStrategy(StrategyDefaults):
     def _peft_states(self) -> dict[str, dict[str, torch.Tensor]]:
         from peft import get_peft_model_state_dict
 
-        states = {"unet": get_peft_model_state_dict(self.components.unet)}
+        # save_embedding_layers=False: after pivotal tuning the text encoder's embedding has grown by the new
+        # word, and peft would then put the whole token embedding into the LoRA state; the word ships as its own
+        # embedding files instead, and LoRA never trains those rows.
+        states = {"unet": get_peft_model_state_dict(self.components.unet, save_embedding_layers=False)}
         if self.config.lora.train_text_encoder:
-            states["text_encoder"] = get_peft_model_state_dict(self.components.text_encoder)
+            states["text_encoder"] = get_peft_model_state_dict(self.components.text_encoder,
+                                                               save_embedding_layers=False)
         return states
 
     def state_dict(self):

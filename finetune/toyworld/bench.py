@@ -182,7 +182,9 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
                     overrides += [f"prior.class_images={folder}", f"prior.num_class_images={cfg.class_images}"]
                 if cfg.steps:
                     overrides.append(f"train.steps={cfg.steps}")
-                overrides += [*method_overrides, *cfg.overrides]
+                # The concept's coarse description, as a user would give it (e.g. the pivotal word's start).
+                overrides += [o.replace("{colour}", cfg.concept_colour) for o in method_overrides]
+                overrides += cfg.overrides
                 config = load_recipe(Path(cfg.recipes) / recipe, overrides)
                 assert config.method == strategy, f"{recipe} trains {config.method}, expected {strategy}"
                 started = time.time()

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Bench method name -> (strategy, recipe file in recipes/, overrides). DreamBooth-LoRA is a recipe, not a
-# strategy; the pivotal variants are their recipe started from a textual-inversion word (finetune/pivotal.py),
-# with the settings measured in benchmarks/README.md (session 8: vectors rescaled to 0.2 long).
-PIVOTAL_OVERRIDES = ("data.token=<sks>", "pivotal.steps=400", "pivotal.norm=0.2", "pivotal.init_word=shape")
+# Bench method name -> (strategy, recipe file in recipes/, overrides; "{colour}" = the bench's concept colour).
+# DreamBooth-LoRA is a recipe, not a strategy; the pivotal variants start the method from a new word trained
+# for 20 steps from "<colour> shape" (finetune/pivotal.py; settings measured in benchmarks/README.md, session 10).
+PIVOTAL_OVERRIDES = ("data.token=<sks>", "pivotal.steps=20", "pivotal.init_word={colour} shape")
 BENCH_METHODS = {
     "textual-inversion": ("textual_inversion", "tiny_textual_inversion.yaml", ()),
     "hypernetwork": ("hypernetwork", "tiny_hypernetwork.yaml", ()),
     "lora": ("lora", "tiny_lora.yaml", ()),
     "dreambooth": ("dreambooth", "tiny_dreambooth.yaml", ()),
     "dreambooth-lora": ("lora", "tiny_dreambooth_lora.yaml", ()),
-    "dreambooth-pivotal": ("dreambooth", "tiny_dreambooth.yaml", PIVOTAL_OVERRIDES),
+    "dreambooth-pivotal": ("dreambooth", "tiny_dreambooth_pivotal.yaml", ("pivotal.init_word={colour} shape",)),
     "dreambooth-lora-pivotal": ("lora", "tiny_dreambooth_lora.yaml", PIVOTAL_OVERRIDES),
 }
 

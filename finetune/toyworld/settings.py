@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 # Bench method name -> (strategy, recipe file in recipes/, overrides; "{colour}" = the bench's concept colour).
 # DreamBooth-LoRA is a recipe, not a strategy; the pivotal variants start the method from a new word trained
-# for 20 steps from "<colour> shape" (finetune/pivotal.py; settings measured in benchmarks/README.md, session 10).
+# for 20 steps from the concept's colour (DreamBooth: one vector, its recipe) or "<colour> shape" (DreamBooth-LoRA:
+# two vectors, not yet measured with one); finetune/pivotal.py; measurements in benchmarks/README.md, session 10.
 PIVOTAL_OVERRIDES = ("data.token=<sks>", "pivotal.steps=20", "pivotal.init_word={colour} shape")
 BENCH_METHODS = {
     "textual-inversion": ("textual_inversion", "tiny_textual_inversion.yaml", ()),
@@ -14,7 +15,7 @@ BENCH_METHODS = {
     "lora": ("lora", "tiny_lora.yaml", ()),
     "dreambooth": ("dreambooth", "tiny_dreambooth.yaml", ()),
     "dreambooth-lora": ("lora", "tiny_dreambooth_lora.yaml", ()),
-    "dreambooth-pivotal": ("dreambooth", "tiny_dreambooth_pivotal.yaml", ("pivotal.init_word={colour} shape",)),
+    "dreambooth-pivotal": ("dreambooth", "tiny_dreambooth_pivotal.yaml", ("pivotal.init_word={colour}",)),
     "dreambooth-lora-pivotal": ("lora", "tiny_dreambooth_lora.yaml", PIVOTAL_OVERRIDES),
 }
 

@@ -125,7 +125,8 @@ class OutputConfig:
     resume: str | None = opt(None, "resume from 'latest' or a checkpoint folder")
     formats: list[str] = opt([], "export formats (default: all of the method's formats)")
     sample_every: int = opt(0, "write a sample grid every N steps (0 = only at the end)")
-    sample_prompts: list[str] = opt([], "prompts for sample grids (default: the instance prompt)")
+    sample_prompts: list[str] = opt([], "prompts for sample grids ({token} and {class} are filled in; default: "
+                                   "the instance prompt)")
     sample_seeds: list[int] = opt([0, 1, 2, 3], "seeds of the sample images (an empty list: no samples)")
     sample_steps: int = opt(25, "denoising steps for samples")
     guidance: float = opt(5.0, "classifier-free guidance scale for samples")
@@ -176,6 +177,9 @@ class HypernetworkConfig:
 class DreamBoothConfig:
     train_text_encoder: bool = opt(False, "also fine-tune the text encoder")
     text_encoder_lr: float | None = opt(None, "text-encoder lr (default: --lr)")
+    train_token_embeddings: bool = opt(True, "with --train-text-encoder: also train the word-embedding table (off: "
+                                       "only the encoder's layers train, so a pivotal word keeps the vector its "
+                                       "first phase gave it)")
 
 
 @dataclass

@@ -37,6 +37,21 @@ def test_unet_trains_text_encoder_only_when_asked(tmp_path, tiny_components):
         assert lrs == ([1e-4, 2e-5] if train_te else [1e-4])
 
 
+def test_word_embeddings_can_stay_frozen_while_the_text_encoder_trains(tmp_path, tiny_components):
+    from finetune.trainer import run_training
+
+    text_encoder = tiny_components.text_encoder
+    before = _snapshot(text_encoder)
+    config = make_config("dreambooth", tmp_path / "run", **{
+        "train.lr": 1e-4, "dreambooth.train_text_encoder": True, "dreambooth.train_token_embeddings": False,
+        "output.formats": ["diffusers"]})
+    run_training(config, tiny_components)
+    changed = _changed(before, text_encoder)
+    embedding = next(k for k in before if k.endswith("token_embedding.weight"))
+    assert changed, "the text encoder's layers did not train"
+    assert embedding not in changed, "the word-embedding table must stay as it was"
+
+
 def test_class_images_generated_once_and_reused(tmp_path, star_images):
     from finetune.prior import count_images
     from finetune.trainer import run_training

@@ -33,6 +33,8 @@ class DreamBoothStrategy(StrategyDefaults):
         components.unet.requires_grad_(True)
         if self._train_te:
             components.text_encoder.requires_grad_(True)
+            if not self.config.dreambooth.train_token_embeddings:
+                components.text_encoder.get_input_embeddings().weight.requires_grad_(False)
 
     def trainable_modules(self):
         return [self.components.unet] + ([self.components.text_encoder] if self._train_te else [])
@@ -43,7 +45,7 @@ class DreamBoothStrategy(StrategyDefaults):
     def param_groups(self):
         groups = [{"params": list(self.components.unet.parameters()), "lr": self.config.train.lr}]
         if self._train_te:
-            groups.append({"params": list(self.components.text_encoder.parameters()),
+            groups.append({"params": [p for p in self.components.text_encoder.parameters() if p.requires_grad],
                            "lr": self.config.dreambooth.text_encoder_lr or self.config.train.lr})
         return groups
 

@@ -403,8 +403,9 @@ def _write_samples(accelerator, config, components, strategy, text_encoder, unet
     from .inference import generate, pipeline_from_components
     from .plots import image_grid
 
-    prompts = config.output.sample_prompts or [
-        format_prompt(config.data.prompt, config.data.token, config.data.class_word)]
+    # {token} and {class} in sample prompts follow --token/--class-word, so a recipe's samples survive an override.
+    prompts = [format_prompt(p, config.data.token, config.data.class_word)
+               for p in config.output.sample_prompts or [config.data.prompt]]
     pipe = pipeline_from_components(components, accelerator.unwrap_model(text_encoder),
                                     accelerator.unwrap_model(unet))
     pipe.set_progress_bar_config(disable=True)

@@ -48,6 +48,27 @@ def test_bf16_v_prediction_min_snr_run(tmp_path, tiny_components):
     assert (tmp_path / "samples" / "step-4.png").is_file()
 
 
+def test_sample_prompts_follow_the_token(tmp_path, tiny_components, monkeypatch):
+    """A recipe's sample prompts written with {token}/{class} use the token the run was given (e.g. an override)."""
+    import finetune.inference
+    from finetune.trainer import run_training
+
+    seen = []
+    real_generate = finetune.inference.generate
+
+    def recording_generate(pipe, prompts, *args, **kwargs):
+        seen.append(list(prompts))
+        return real_generate(pipe, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(finetune.inference, "generate", recording_generate)
+    config = make_config("lora", tmp_path, **{
+        "train.steps": 1, "output.formats": ["kohya"], "data.token": "zwx", "data.class_word": "shape",
+        "output.sample_prompts": ["a photo of {token} on a black background", "a {class}, plain"],
+        "output.sample_seeds": [0]})
+    run_training(config, tiny_components)
+    assert seen == [["a photo of zwx on a black background", "a shape, plain"]]
+
+
 def test_zero_terminal_snr_and_input_perturbation_change_training(tmp_path, tiny_components):
     """Both options reach the loss: the same seeded run gives a different first-step loss with each."""
     from finetune.models import load_components

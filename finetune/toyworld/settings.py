@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 # Bench method name -> (strategy, recipe file in recipes/, overrides; "{colour}" = the bench's concept colour).
 # DreamBooth-LoRA is a recipe, not a strategy; the pivotal variants start the method from a new word of one
-# vector trained for 20 steps from the concept's colour (DreamBooth: its own recipe; DreamBooth-LoRA: these
-# overrides); finetune/pivotal.py; measurements in benchmarks/README.md, sessions 10 and 11.
-PIVOTAL_OVERRIDES = ("data.token=<sks>", "pivotal.steps=20", "pivotal.vectors=1", "pivotal.init_word={colour}")
+# vector trained for 20 steps from the concept's colour, with a light prior (weight 0.3) (DreamBooth: its own
+# recipe; DreamBooth-LoRA: these overrides); finetune/pivotal.py; benchmarks/README.md, sessions 10 and 11.
+PIVOTAL_OVERRIDES = ("data.token=<sks>", "pivotal.steps=20", "pivotal.vectors=1", "pivotal.init_word={colour}",
+                     "prior.weight=0.3")
 BENCH_METHODS = {
     "textual-inversion": ("textual_inversion", "tiny_textual_inversion.yaml", ()),
     "hypernetwork": ("hypernetwork", "tiny_hypernetwork.yaml", ()),

@@ -138,3 +138,22 @@ def test_decoder_stage_changes_only_the_decoder_and_repeats_exactly(tmp_path):
     with pytest.raises(UserError, match="--init-from"):
         pretrain(PretrainConfig(decoder_steps=1), tmp_path / "refused", log=lambda _: None)
     assert not (tmp_path / "refused").exists()
+
+
+def test_main_caption_rate_mixes_in_the_main_phrasing_without_changing_the_default_stream():
+    """`--main-caption-rate` sets the share of captions naming colour, shape and background in the main phrasing;
+    at 0 the captions are exactly those of the shipped recipe (same draws from the same generator)."""
+    import random
+
+    from finetune.toyworld.world import CAPTION_TEMPLATES, Scene, caption
+
+    scene = Scene("circle", "red", "pink", (10, 10, 40, 40))
+    main = "a red circle on a pink background"
+    legacy_rng, rng = random.Random(5), random.Random(5)
+    legacy = [legacy_rng.choice(CAPTION_TEMPLATES).format(c="red", s="circle", b="pink") for _ in range(200)]
+    assert [caption(scene, rng) for _ in range(200)] == legacy
+    rng = random.Random(5)
+    assert {caption(scene, rng, main_rate=1.0) for _ in range(50)} == {main}
+    rng = random.Random(5)
+    share = sum(caption(scene, rng, main_rate=0.5) == main for _ in range(2000)) / 2000
+    assert 0.5 < share < 0.6  # half forced, plus the template's own 1/16 of the other half

@@ -174,8 +174,8 @@ def train_unet(pipe, means, stds, scenes, cfg: PretrainConfig, log, device) -> N
         index = torch.randint(len(means), (cfg.unet_batch,), generator=generator)
         draw = torch.randn(means[index].shape, generator=generator).to(device)
         latents = (means[index] + stds[index] * draw) * scale
-        captions = ["" if caption_rng.random() < cfg.empty_caption_rate else caption(scenes[i], caption_rng)
-                    for i in index.tolist()]
+        captions = ["" if caption_rng.random() < cfg.empty_caption_rate
+                    else caption(scenes[i], caption_rng, cfg.main_caption_rate) for i in index.tolist()]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         noise = torch.randn(latents.shape, generator=generator)

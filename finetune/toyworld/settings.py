@@ -38,6 +38,9 @@ class PretrainConfig:
     unet_warmup: int = 100
     snr_gamma: float = 5.0
     empty_caption_rate: float = 0.1
+    # Share of captions in the main phrasing "a {c} {s} on a {b} background" (the rest: any of the 16 templates,
+    # of which 3 leave the colour out and 6 the background): every caption of it names all three attributes.
+    main_caption_rate: float = 0.0
     max_grad_norm: float = 1.0
     # Offset noise (a per-image, per-channel constant added to the noise): lets the UNet move an image's mean
     # colour, which plain epsilon noise at this schedule's non-zero terminal SNR hardly allows (dark backgrounds).

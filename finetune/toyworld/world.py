@@ -92,9 +92,13 @@ def render(scene: Scene) -> Image.Image:
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """One caption of the scene in a randomly chosen phrasing."""
-    return rng.choice(CAPTION_TEMPLATES).format(c=scene.colour, s=scene.shape, b=scene.background)
+def caption(scene: Scene, rng: random.Random, main_rate: float = 0.0) -> str:
+    """One caption of the scene in a randomly chosen phrasing.
+
+    `main_rate` is the share of captions in the main phrasing (CAPTION_TEMPLATES[0], the checker's prompts);
+    the rest are drawn from all templates. At 0 no extra random draw is made (the shipped base's stream)."""
+    template = CAPTION_TEMPLATES[0] if main_rate and rng.random() < main_rate else rng.choice(CAPTION_TEMPLATES)
+    return template.format(c=scene.colour, s=scene.shape, b=scene.background)
 
 
 def world_prompts() -> list[tuple[str, str, str, str]]:

@@ -14,7 +14,7 @@ from . import UserError
 
 TINY_NAMES = ("tiny",)
 # Bump when the tiny architecture or its weights change, so stale caches are never reused.
-TINY_VERSION = "v4-toyworld"
+TINY_VERSION = "v5-toyworld"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 # Bench method name -> (strategy, recipe file in recipes/, overrides; "{colour}" = the bench's concept colour).
 # DreamBooth-LoRA is a recipe, not a strategy; the pivotal variants start the method from a new word of one
-# vector trained for 20 steps from the concept's colour, with a light prior (weight 0.3) (DreamBooth: its own
-# recipe; DreamBooth-LoRA: these overrides); finetune/pivotal.py; benchmarks/README.md, sessions 10 and 11.
+# vector trained for 20 steps from the concept's colour (DreamBooth: its own recipe; DreamBooth-LoRA: these
+# overrides, with a light prior tuned on base v4 and not yet re-measured on v5); finetune/pivotal.py;
+# benchmarks/README.md, sessions 10-12.
 PIVOTAL_OVERRIDES = ("data.token=<sks>", "pivotal.steps=20", "pivotal.vectors=1", "pivotal.init_word={colour}",
                      "prior.weight=0.3")
 BENCH_METHODS = {

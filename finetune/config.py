@@ -60,8 +60,11 @@ class DataConfig:
                              choices=("sample", "mean"))
     latent_cache_dir: str | None = opt(None, "also keep the cached latents on disk here, reused by later runs "
                                        "(keyed by image pixels, resolution, crop/flip, dtype and VAE weights)")
-    alpha_mask: bool = opt(False, "use each image's alpha channel as a loss mask: transparent areas are not "
-                           "learned (images without alpha count as opaque)")
+    alpha_mask: bool = opt(False, "use a loss mask per image: a mask file beside it (NAME-masklabel.png, white = "
+                           "learn) or else its alpha channel; masked-out areas are not learned (images with "
+                           "neither count as all learned)")
+    unmasked_weight: float = opt(0.0, "with --alpha-mask: loss weight of the masked-out areas (0 = not learned, 1 = "
+                                 "as if unmasked)")
     caption_dropout: float = opt(0.0, "probability of training a sample with an empty caption (helps guidance)")
     shuffle_captions: bool = opt(False, "shuffle the comma-separated tags of each caption every time")
     keep_tokens: int = opt(1, "with --shuffle-captions: leading tags that stay in place (e.g. the trigger word)")
@@ -295,9 +298,10 @@ class RunConfig:
         if self.prior.batch_size is not None and self.prior.batch_size < 1:
             raise UserError(f"prior.batch_size must be >= 1, got {self.prior.batch_size}")
         for name, share in (("data.caption_dropout", self.data.caption_dropout),
-                            ("prior.caption_dropout", self.prior.caption_dropout)):
+                            ("prior.caption_dropout", self.prior.caption_dropout),
+                            ("data.unmasked_weight", self.data.unmasked_weight)):
             if not 0.0 <= share <= 1.0:
-                raise UserError(f"{name} is a probability (0 to 1), got {share}")
+                raise UserError(f"{name} must be between 0 and 1, got {share}")
         if self.train.lr <= 0:
             raise UserError("train.lr must be > 0")
         if self.data.buckets and (self.data.bucket_step < 8 or self.data.bucket_step % 8):

@@ -11,6 +11,8 @@ from . import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# A loss mask beside an image ("dog1.jpg" -> "dog1-masklabel.png"; white = learn), as OneTrainer names them.
+MASK_SUFFIX = "-masklabel.png"
 CAPTION_SUFFIXES = (".txt", ".caption")
 
 
@@ -58,6 +60,30 @@ def open_rgb(path, keep_alpha: bool = False):
     return img.convert("RGBA") if keep_alpha else img.convert("RGB")
 
 
+def mask_file_for(image_path: Path) -> Path:
+    """Where the loss mask of an image lives: NAME-masklabel.png beside it."""
+    return image_path.with_name(image_path.stem + MASK_SUFFIX)
+
+
+def apply_mask_file(image, image_path: Path):
+    """Replace an RGBA image's alpha by the mask file beside it (greyscale, white = learn), if there is one.
+
+    A mask file lets an opaque photo keep its real background colours while only the subject is learned (alpha
+    alone cannot: transparent pixels are composited on white)."""
+    from PIL import Image
+
+    mask_path = mask_file_for(image_path)
+    if not mask_path.is_file():
+        return image
+    with Image.open(mask_path) as mask:
+        mask = mask.convert("L")
+    if mask.size != image.size:
+        raise UserError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} px, its image "
+                        f"{image_path.name} is {image.size[0]}x{image.size[1]}")
+    image.putalpha(mask)
+    return image
+
+
 def warn_small_images(examples: list[Example], resolution: int) -> None:
     """Name the images that training will upscale (their short side is below the resolution)."""
     small = [e.path.name for e in examples if min(e.image.size) < resolution]
@@ -77,7 +103,8 @@ def load_examples(folder: str | None, prompt_template: str, token: str, class_wo
         raise UserError(f"{flag} {folder}: no such folder")
     if is_saved_dataset(root):
         return load_dataset_examples(root, prompt_template, token, class_word, flag, keep_alpha)
-    candidates = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    candidates = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                        and not p.name.lower().endswith(MASK_SUFFIX))
     if not candidates:
         raise UserError(f"{flag} {folder}: no images found (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
     listed = read_metadata_jsonl(root)
@@ -88,6 +115,8 @@ def load_examples(folder: str | None, prompt_template: str, token: str, class_wo
         except Exception as exc:  # PIL raises many types for broken files
             log.warning("skipping unreadable image %s (%s)", path, exc)
             continue
+        if keep_alpha:  # outside the try: a broken mask is an error to fix, not an image to skip silently
+            image = apply_mask_file(image, path)
         caption = read_caption_file(path, token, class_word)
         if caption is None and path.name in listed:
             caption = format_prompt(listed[path.name], token, class_word)

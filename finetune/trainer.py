@@ -201,8 +201,12 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             hidden = encode_text(captions)
             pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
         target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
-        losses = per_sample_loss(pred, target, tcfg.loss, tcfg.huber_delta,
-                                 masks.to(pred.device) if config.data.alpha_mask else None)
+        loss_mask = None
+        if config.data.alpha_mask:
+            # Masked-out cells keep a share of the loss (--unmasked-weight): some context is still learned.
+            floor = config.data.unmasked_weight
+            loss_mask = floor + (1.0 - floor) * masks.to(pred.device)
+        losses = per_sample_loss(pred, target, tcfg.loss, tcfg.huber_delta, loss_mask)
         if tcfg.snr_gamma:
             losses = losses * min_snr_weights(scheduler, timesteps, tcfg.snr_gamma, prediction_type)
         return losses

@@ -154,6 +154,49 @@ def test_alpha_mask_run_trains_only_on_the_opaque_part(tmp_path, star_images):
     assert any(not torch.equal(states[False][k], states[True][k]) for k in states[False])
 
 
+def test_mask_file_is_the_loss_mask_and_not_an_image(tmp_path):
+    """NAME-masklabel.png beside an opaque image becomes its loss mask; the photo keeps its own colours."""
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    image.save(tmp_path / "photo.png")
+    mask = Image.new("L", (64, 64), 255)
+    mask.paste(0, (0, 0, 32, 64))  # learn the right half only
+    mask.save(tmp_path / "photo-masklabel.png")
+    masked = load_examples(str(tmp_path), "{token}", "sks", "", keep_alpha=True)
+    assert [e.path.name for e in masked] == ["photo.png"]  # the mask is not a training image
+    assert masked[0].image.getpixel((0, 0)) == (128, 128, 128, 0)  # gray kept (alpha would composite on white)
+    assert masked[0].image.getpixel((40, 0)) == (128, 128, 128, 255)
+    plain = load_examples(str(tmp_path), "{token}", "sks", "")
+    assert [e.path.name for e in plain] == ["photo.png"] and plain[0].image.mode == "RGB"
+
+    Image.new("L", (32, 32), 255).save(tmp_path / "photo-masklabel.png")
+    with pytest.raises(UserError, match="mask is 32x32 px"):
+        load_examples(str(tmp_path), "{token}", "sks", "", keep_alpha=True)
+
+
+def test_unmasked_weight_one_trains_as_without_a_mask(tmp_path, star_images):
+    """--unmasked-weight 1 gives the masked-out cells full weight: bit-identical to a run without masks; 0 is not."""
+    from conftest import make_config
+    from finetune.trainer import run_training
+
+    images = tmp_path / "masked"
+    images.mkdir()
+    for path in sorted(star_images.glob("*.png"))[:2]:
+        Image.open(path).convert("RGB").save(images / path.name)
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (16, 16, 48, 48))
+        mask.save(images / (path.stem + "-masklabel.png"))
+    states = {}
+    for name, dotted in (("plain", {}), ("weight1", {"data.alpha_mask": True, "data.unmasked_weight": 1.0}),
+                         ("weight0", {"data.alpha_mask": True, "data.unmasked_weight": 0.0})):
+        config = make_config("lora", tmp_path / name, images=images, **{
+            **dotted, "train.lr": 1e-2, "output.formats": ["kohya"]})
+        states[name] = run_training(config).strategy.state_dict()
+    assert all(torch.equal(states["plain"][k], states["weight1"][k]) for k in states["plain"])
+    assert any(not torch.equal(states["plain"][k], states["weight0"][k]) for k in states["plain"])
+    with pytest.raises(UserError, match="data.unmasked_weight must be between 0 and 1"):
+        make_config("lora", tmp_path / "bad", images=images, **{"data.unmasked_weight": 2.0}).validate()
+
+
 def test_hf_dataset_saved_to_disk(tmp_path):
     """An HF `datasets` image data set on disk trains like a folder: images decoded, captions from its column."""
     from datasets import Dataset, DatasetDict

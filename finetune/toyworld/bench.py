@@ -19,7 +19,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from PIL import Image
+
 from .. import UserError
+from ..data import MASK_SUFFIX
 from .settings import BENCH_METHODS, QualityBenchConfig
 from .world import BACKGROUNDS, Scene, random_scene, render, world_prompts
 
@@ -34,9 +37,20 @@ def write_concept_images(folder: Path, count: int, colour: str, seed: int = 1234
         background = TRAIN_BACKGROUNDS[index % len(TRAIN_BACKGROUNDS)]
         size = rng.uniform(30, 46)
         left, top = rng.uniform(2, 62 - size), rng.uniform(2, 62 - size)
-        render(Scene("star", colour, background, (left, top, left + size, top + size))).save(
-            folder / f"concept-{index}.png")
+        image = render(Scene("star", colour, background, (left, top, left + size, top + size)))
+        image.save(folder / f"concept-{index}.png")
         (folder / f"concept-{index}.txt").write_text(f"a photo of {{token}} on a {background} background")
+        subject_mask(image, background).save(folder / f"concept-{index}{MASK_SUFFIX}")
+
+
+def subject_mask(image, background: str, grow: int = 2):
+    """White where a rendered image differs from its plain background, grown by `grow` px (the edges too): the
+    loss mask that `--alpha-mask` reads, used only when a run asks for it."""
+    from PIL import ImageChops, ImageFilter
+
+    plain = Image.new("RGB", image.size, BACKGROUNDS[background])
+    differs = ImageChops.difference(image, plain).convert("L").point(lambda v: 255 if v > 24 else 0)
+    return differs.filter(ImageFilter.MaxFilter(2 * grow + 1))
 
 
 def write_class_renders(folder: Path, count: int, probes: int, seed: int = 4321) -> None:

@@ -61,7 +61,12 @@ def test_quality_bench_smoke(tmp_path):
         assert 0.0 <= abs(run[key]) <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["runs"].keys() == results["runs"].keys()
     assert "| lora | off | 1 |" in (tmp_path / "table.md").read_text()
-    assert (tmp_path / "grid-lora.png").is_file() and len(list((tmp_path / "concept").glob("*.png"))) == 5
+    assert (tmp_path / "grid-lora.png").is_file() and len(list((tmp_path / "concept").glob("concept-?.png"))) == 5
+    # Each concept image has its star's loss mask beside it (for --alpha-mask runs); white only on the star.
+    from PIL import Image
+
+    mask = Image.open(tmp_path / "concept" / "concept-0-masklabel.png")
+    assert mask.mode == "L" and 0.05 < sum(v > 0 for v in mask.getdata()) / (64 * 64) < 0.5
 
 
 def test_folder_from_toy_base_command_loads_as_a_model(tmp_path, toy_pipe):

@@ -6,11 +6,7 @@ from dataclasses import dataclass, field
 
 # Bench method name -> (strategy, recipe file in recipes/, overrides; "{colour}" = the bench's concept colour).
 # DreamBooth-LoRA is a recipe, not a strategy; the pivotal variants start the method from a new word of one
-# vector trained for 20 steps from the concept's colour (DreamBooth: its own recipe; DreamBooth-LoRA: these
-# overrides, with a light prior tuned on base v4 and not yet re-measured on v5); finetune/pivotal.py;
-# benchmarks/README.md, sessions 10-12.
-PIVOTAL_OVERRIDES = ("data.token=<sks>", "pivotal.steps=20", "pivotal.vectors=1", "pivotal.init_word={colour}",
-                     "prior.weight=0.3")
+# vector trained for 20 steps from the concept's colour (finetune/pivotal.py; benchmarks/README.md, sessions 10-13).
 BENCH_METHODS = {
     "textual-inversion": ("textual_inversion", "tiny_textual_inversion.yaml", ()),
     "hypernetwork": ("hypernetwork", "tiny_hypernetwork.yaml", ()),
@@ -18,7 +14,7 @@ BENCH_METHODS = {
     "dreambooth": ("dreambooth", "tiny_dreambooth.yaml", ()),
     "dreambooth-lora": ("lora", "tiny_dreambooth_lora.yaml", ()),
     "dreambooth-pivotal": ("dreambooth", "tiny_dreambooth_pivotal.yaml", ("pivotal.init_word={colour}",)),
-    "dreambooth-lora-pivotal": ("lora", "tiny_dreambooth_lora.yaml", PIVOTAL_OVERRIDES),
+    "dreambooth-lora-pivotal": ("lora", "tiny_dreambooth_lora_pivotal.yaml", ("pivotal.init_word={colour}",)),
 }
 
 @dataclass

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageChops, ImageFilter
 
 from .. import UserError
 from ..data import MASK_SUFFIX
@@ -46,8 +46,6 @@ def write_concept_images(folder: Path, count: int, colour: str, seed: int = 1234
 def subject_mask(image, background: str, grow: int = 2):
     """White where a rendered image differs from its plain background, grown by `grow` px (the edges too): the
     loss mask that `--alpha-mask` reads, used only when a run asks for it."""
-    from PIL import ImageChops, ImageFilter
-
     plain = Image.new("RGB", image.size, BACKGROUNDS[background])
     differs = ImageChops.difference(image, plain).convert("L").point(lambda v: 255 if v > 24 else 0)
     return differs.filter(ImageFilter.MaxFilter(2 * grow + 1))

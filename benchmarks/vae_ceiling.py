@@ -30,9 +30,9 @@ def main() -> None:
 
     from finetune.data import to_training_tensor
     from finetune.models import load_components
-    from finetune.toyworld.bench import TRAIN_BACKGROUNDS
+    from finetune.toyworld.bench import TRAIN_BACKGROUNDS, concept_scene
     from finetune.toyworld.checker import check
-    from finetune.toyworld.world import BACKGROUNDS, Scene, render
+    from finetune.toyworld.world import BACKGROUNDS, render
 
     vae = load_components(args.base).vae
     rng = random.Random(args.seed)
@@ -40,9 +40,7 @@ def main() -> None:
         rendered = survived = 0
         seen = collections.Counter()
         for _ in range(args.count):
-            size = rng.uniform(30, 46)  # the bench's concept sizes (finetune/toyworld/bench.py)
-            left, top = rng.uniform(2, 62 - size), rng.uniform(2, 62 - size)
-            image = render(Scene("star", args.colour, background, (left, top, left + size, top + size)))
+            image = render(concept_scene(rng, args.colour, background))
             verdict = check(image)
             rendered += verdict.star and verdict.colour == args.colour
             with torch.no_grad():

@@ -29,15 +29,20 @@ from .world import BACKGROUNDS, Scene, random_scene, render, world_prompts
 TRAIN_BACKGROUNDS = ("white", "gray")  # black and pink are never shown with the concept: recontextualisation
 
 
+def concept_scene(rng: random.Random, colour: str, background: str) -> Scene:
+    """One view of the novel concept: a star 30-46 px wide at a random place on a 64 px image."""
+    size = rng.uniform(30, 46)
+    left, top = rng.uniform(2, 62 - size), rng.uniform(2, 62 - size)
+    return Scene("star", colour, background, (left, top, left + size, top + size))
+
+
 def write_concept_images(folder: Path, count: int, colour: str, seed: int = 1234) -> None:
     """Render `count` images of the novel concept with captions that bind it to {token}."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index in range(count):
         background = TRAIN_BACKGROUNDS[index % len(TRAIN_BACKGROUNDS)]
-        size = rng.uniform(30, 46)
-        left, top = rng.uniform(2, 62 - size), rng.uniform(2, 62 - size)
-        image = render(Scene("star", colour, background, (left, top, left + size, top + size)))
+        image = render(concept_scene(rng, colour, background))
         image.save(folder / f"concept-{index}.png")
         (folder / f"concept-{index}.txt").write_text(f"a photo of {{token}} on a {background} background")
         subject_mask(image, background).save(folder / f"concept-{index}{MASK_SUFFIX}")

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conv-rank", type=int, default=None,
                    help="rank for 3x3 convs (default: --rank; 0 leaves them out as kohya's tool does)")
     p.add_argument("--output", default="extracted_lora.safetensors", help="output .safetensors")
-    from .toyworld.settings import PretrainConfig, QualityBenchConfig
+    from .toyworld.settings import BASE_SCORE_GUIDANCE, PretrainConfig, QualityBenchConfig
 
     p = sub.add_parser("bench-quality", help="how well each method learns a new concept on the toy base "
                        "(trains every method x prior x seed, scores samples with the analytic checker)",
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "background by the analytic checker)", allow_abbrev=False)
     p.add_argument("model", nargs="?", default="tiny", help="base folder (default: the built-in tiny base)")
     p.add_argument("--seeds", type=int, nargs="+", default=[7], help="sampling seeds per prompt (default: 7)")
-    p.add_argument("--guidance", type=float, default=QualityBenchConfig.guidance,
-                   help="guidance scale (default: the quality bench's, %(default)s)")
+    p.add_argument("--guidance", type=float, default=BASE_SCORE_GUIDANCE,
+                   help="guidance scale (default: %(default)s, the one the base's accuracy is quoted at)")
     p.add_argument("--grid", default=None, help="also save every sample as one PNG grid here")
     p = sub.add_parser("generate", help="generate images with a base model and adapters", allow_abbrev=False)
     p.add_argument("--model", default="tiny", help="base model (as for training)")

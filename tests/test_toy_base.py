@@ -23,8 +23,8 @@ def toy_pipe():
 def test_shipped_base_draws_what_its_prompts_ask(toy_pipe):
     """The base follows its own prompts far above chance (1 in 96 for colour, shape and background together).
 
-    Issue 3 asks for >= 95%; the shipped base is not there yet (see finetune/assets/toy_base/README.md for its
-    measured accuracy): this guards what it reaches, so a broken base, tokenizer or loader fails here.
+    A quick guard on 48 samples (a broken base, tokenizer or loader fails here); issue 3's >= 95% is measured on
+    1152 samples by the slow test below.
     """
     from finetune.toyworld.bench import class_prompt_set, generate_batched
     from finetune.toyworld.checker import accuracy
@@ -36,6 +36,20 @@ def test_shipped_base_draws_what_its_prompts_ask(toy_pipe):
     images = generate_batched(toy_pipe, texts, seeds, steps=25, guidance=7.5, batch=48)
     scores = accuracy(images, expected)
     assert scores["all"] >= MIN_ALL_CORRECT and scores["shape"] >= MIN_SHAPE, scores
+
+
+# Issue 3's measure of the base: its 96 prompts x 12 sampling seeds (the 1152 samples of the asset README).
+BASE_SCORE_SEEDS = [7, 100, 101, 200, 201, 202, 300, 301, 302, 303, 304, 305]
+
+
+@pytest.mark.slow
+def test_shipped_base_scores_95_percent_on_its_own_prompts():
+    """Colour, shape and background all right for >= 95% of 1152 samples at the base-score guidance (~5 min)."""
+    from finetune.toyworld.bench import score_base
+    from finetune.toyworld.settings import BASE_SCORE_GUIDANCE
+
+    scores = score_base("tiny", BASE_SCORE_SEEDS, BASE_SCORE_GUIDANCE)
+    assert scores["samples"] == 1152 and scores["all"] >= 0.95, scores
 
 
 def test_unknown_word_does_not_make_stars(toy_pipe):

@@ -23,7 +23,7 @@ from PIL import Image, ImageChops, ImageFilter
 
 from .. import UserError
 from ..data import MASK_SUFFIX
-from .settings import BENCH_METHODS, QualityBenchConfig
+from .settings import BASE_SCORE_GUIDANCE, BENCH_METHODS, QualityBenchConfig
 from .world import BACKGROUNDS, Scene, random_scene, render, world_prompts
 
 TRAIN_BACKGROUNDS = ("white", "gray")  # black and pink are never shown with the concept: recontextualisation
@@ -90,7 +90,7 @@ def generate_batched(pipe, prompts: list[str], seeds: list[int], steps: int, gui
 
 
 def score_base(model: str = "tiny", seeds: list[int] = (7,),
-               guidance: float = QualityBenchConfig.guidance, grid: str | None = None,
+               guidance: float = BASE_SCORE_GUIDANCE, grid: str | None = None,
                steps: int = 25) -> dict[str, float]:
     """Accuracy of a toy-world base on its 96 prompts "a {colour} {shape} on a {background} background"."""
     from ..models import load_pipeline

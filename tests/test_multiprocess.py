@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+# Hypernetwork tensors that get no gradient: biases of the key network (see the test).
+SHIFT_ONLY_BIAS = re.compile(r"\.k\.linear\.\d+\.bias$")
 # Which exported file holds each method's trained tensors.
 TRAINED_FILE = {"lora": "pytorch_lora_weights.safetensors", "hypernetwork": "sks_hypernetwork.safetensors",
                 "textual-inversion": "learned_embeds.safetensors", "dreambooth": "sks_dreambooth.safetensors"}
@@ -48,6 +51,12 @@ def test_two_processes_match_one(tmp_path, method):
     got, want = load_file(str(two / TRAINED_FILE[method])), load_file(str(one / TRAINED_FILE[method]))
     assert got.keys() == want.keys()
     for key in want:
+        if method == "hypernetwork" and SHIFT_ONLY_BIAS.search(key):
+            # A bias of the (affine, default linear-activation) key network adds the same vector to every key, which
+            # softmax ignores: its gradient is zero up to rounding, so what it holds after training is rounding noise
+            # that Adam scales up, different for every reduction order. It must stay that small, not equal.
+            assert max(got[key].abs().max(), want[key].abs().max()) < 4e-4, key
+            continue
         # Equal up to the order of floating-point reductions across processes.
         torch.testing.assert_close(got[key], want[key], atol=5e-5, rtol=1e-4, msg=key)
 

@@ -222,10 +222,18 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(score_base(args.model, args.seeds, args.guidance, args.grid)))
             return 0
         config = load_recipe(args.recipe, args.overrides) if args.command == "train" else config_from_args(args)
-        from .trainer import train
+        from .trainer import run_training
 
-        summary = train(config)
-        _print_summary(summary)
+        outcome = run_training(config)
+        _print_summary(outcome.summary)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Everything is written and the ranks have left together. Freeing the DDP-wrapped models now would run
+            # ~ProcessGroupGloo, which joins gloo's worker thread while holding the GIL the worker waits for: the
+            # process hangs at exit (py-spy showed it: Reducer dealloc -> ~ProcessGroupGloo -> thread::join).
+            # Leave without running destructors.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
     except UserError as exc:
         print(f"sdft: error: {exc}", file=sys.stderr)

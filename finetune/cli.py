@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             # Everything is written and the ranks have left together. Freeing the DDP-wrapped models now would run
             # ~ProcessGroupGloo, which joins gloo's worker thread while holding the GIL the worker waits for: the
             # process hangs at exit (py-spy showed it: Reducer dealloc -> ~ProcessGroupGloo -> thread::join).
-            # Leave without running destructors.
+            # Leave without running destructors (here, where the process ends anyway; a library caller of
+            # run_training() under a multi-process launch still frees them normally).
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)

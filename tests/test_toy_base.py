@@ -44,7 +44,7 @@ BASE_SCORE_SEEDS = [7, 100, 101, 200, 201, 202, 300, 301, 302, 303, 304, 305]
 
 @pytest.mark.slow
 def test_shipped_base_scores_95_percent_on_its_own_prompts():
-    """Colour, shape and background all right for >= 95% of 1152 samples at the base-score guidance (~5 min)."""
+    """Colour, shape and background all right for >= 95% of 1152 samples at the base-score guidance (~3.5 min)."""
     from finetune.toyworld.bench import score_base
     from finetune.toyworld.settings import BASE_SCORE_GUIDANCE
 

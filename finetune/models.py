@@ -4,13 +4,12 @@ or the built-in offline `tiny` base."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import UserError
+from .pipeline_cache import publish_pipeline
 
 TINY_NAMES = ("tiny",)
 # Bump when the tiny architecture or its weights change, so stale caches are never reused.
@@ -158,25 +157,12 @@ def build_toy_pipeline(folder: Path):
 def tiny_base_folder() -> Path:
     """A local diffusers folder (float32, tokenizer included) holding the toy base, built once and cached."""
     folder = cache_root() / "bases" / f"tiny-{TINY_VERSION}"
-    if (folder / "model_index.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    import fcntl
 
-    # Several processes (torchrun) may ask at once: one builds, the others wait on the lock and reuse it.
-    with open(folder.parent / f".tiny-{TINY_VERSION}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (folder / "model_index.json").exists():
-            return folder
-        # Build into a temporary sibling and rename, so a crash never leaves a half-written base.
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    def build():
         quiet_hf_progress_bars()
-        try:
-            build_toy_pipeline(shipped_toy_base()).save_pretrained(tmp, safe_serialization=True)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        return build_toy_pipeline(shipped_toy_base())
+
+    return publish_pipeline(folder, build)
 
 
 def is_toy_base_folder(path: Path) -> bool:
@@ -255,7 +241,5 @@ def load_components(name: str, single_file_config: str | None = None) -> Compone
     if Path(source).suffix in SINGLE_FILE_SUFFIXES:
         # Summaries name a folder from_pretrained can open: convert the file once into the cache.
         folder = cache_root() / "bases" / ("file-" + Path(source).stem)
-        if not (folder / "model_index.json").exists():
-            pipe.save_pretrained(folder, safe_serialization=True)
-        source = str(folder)
+        source = str(publish_pipeline(folder, lambda: pipe))
     return components_from_pipeline(pipe, source)

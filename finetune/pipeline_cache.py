@@ -1,9 +1,11 @@
 """Write a diffusers pipeline folder into sdft's cache once, safely when several processes ask for it at once.
 
-Two traps make a plain `save_pretrained` unsafe here: a crash half-way leaves a folder that looks finished, and
-transformers (5.x) writes a model's files only on rank 0 of an initialised torch.distributed group: any other rank
-gets an empty `text_encoder/` folder, without an error. So rank 0 alone builds, into a temporary sibling that is
-checked and then renamed, and the other ranks wait for the finished folder.
+Three traps make a plain `save_pretrained` unsafe here: two processes (torchrun ranks, two runs) may write the
+same folder at once; a crash half-way leaves a folder that looks finished; and transformers (5.x) writes a model's
+files only on rank 0 of an initialised torch.distributed group, so any other rank gets an empty `text_encoder/`
+without an error. So whoever takes a file lock first builds, into a temporary sibling that is checked and then
+renamed; a rank that transformers skipped writes those parts itself. Every machine of a multi-node run can build
+its own copy, since none waits for rank 0.
 """
 
 from __future__ import annotations
@@ -13,21 +15,12 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 # Pipeline parts that hold no weights (their folders carry only configs or vocabularies).
 WEIGHTLESS_CLASS_MARKERS = ("Scheduler", "Tokenizer", "FeatureExtractor", "ImageProcessor", "Processor")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-WAIT_POLL_S = 0.5
-
-
-def distributed_rank() -> int:
-    """This process's rank in an initialised torch.distributed group, else 0."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def missing_parts(folder: Path) -> list[str]:
@@ -42,31 +35,30 @@ def missing_parts(folder: Path) -> list[str]:
             continue
         if any(marker in entry[1] for marker in WEIGHTLESS_CLASS_MARKERS):
             continue
-        files = (folder / part).glob("*") if (folder / part).is_dir() else []
+        files = (folder / part).iterdir() if (folder / part).is_dir() else []
         if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in files):
             missing.append(part)
     return missing
 
 
-def publish_pipeline(folder: Path, build: Callable, wait_s: float = 1800.0) -> Path:
-    """Make `folder` a complete pipeline folder written by `build()` (a pipeline), once.
+def publish_pipeline(folder: Path, build: Callable) -> Path:
+    """Make `folder` a complete pipeline folder written from `build()` (a pipeline), once.
 
-    A complete folder is reused; an incomplete one (an older sdft could leave one) is rebuilt. Under
-    torch.distributed, ranks other than 0 wait up to `wait_s` for rank 0, which must call this too.
+    A complete folder is reused; an incomplete one (an older sdft could leave one) is rebuilt.
     """
     if not missing_parts(folder):
         return folder
-    if distributed_rank() != 0:
-        return _wait_for(folder, wait_s)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Processes outside a process group (two runs started at once) take turns on a lock; the second reuses.
+    # Processes take turns on the lock; the ones that come after the builder find the folder finished.
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not missing_parts(folder):
             return folder
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
-            build().save_pretrained(tmp, safe_serialization=True)
+            pipe = build()
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            save_skipped_parts(pipe, tmp, missing_parts(tmp))
             missing = missing_parts(tmp)
             if missing:
                 raise RuntimeError(f"writing the pipeline into {folder} left {', '.join(missing)} without weights")
@@ -78,11 +70,19 @@ def publish_pipeline(folder: Path, build: Callable, wait_s: float = 1800.0) -> P
     return folder
 
 
-def _wait_for(folder: Path, wait_s: float) -> Path:
-    deadline = time.monotonic() + wait_s
-    while missing_parts(folder):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"rank {distributed_rank()} waited {wait_s:.0f} s for rank 0 to write {folder}; "
-                               "every process of a multi-process run must run the same command")
-        time.sleep(WAIT_POLL_S)
-    return folder
+def save_skipped_parts(pipe, folder: Path, parts: list[str]) -> None:
+    """Write the config and weights of pipeline `parts` that transformers declined to save on this rank.
+
+    The file is what transformers writes for these models (same keys and values, checked by a test), so
+    `from_pretrained` reads it back as usual.
+    """
+    from safetensors.torch import save_file
+
+    for part in parts:
+        model = getattr(pipe, part, None)
+        if model is None or not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
+            continue  # not a transformers model: reported as missing by the caller
+        (folder / part).mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(folder / part)
+        weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+        save_file(weights, str(folder / part / "model.safetensors"), metadata={"format": "pt"})

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # One rank of a 2-process gloo group. Rank 1 asks for the base at once, rank 0 only after 3 s: rank 1 takes the
 # build lock first, which is how a fresh machine's first `torchrun` run got a text encoder folder without weights
-# (transformers writes model files on rank 0 only).
+# (transformers writes model files on rank 0 only). The base both ranks then load must be the shipped one.
 RANK_SCRIPT = """
 import sys, time
 import torch.distributed as dist
@@ -21,9 +21,15 @@ if rank == 0:
     time.sleep(3)
 from finetune.models import load_pipeline, tiny_base_folder
 from finetune.pipeline_cache import missing_parts
+import torch
+from finetune.models import build_toy_pipeline, shipped_toy_base
 folder = tiny_base_folder()
 print("missing:", missing_parts(folder))
-load_pipeline("tiny")
+loaded, shipped = load_pipeline("tiny"), build_toy_pipeline(shipped_toy_base())
+for part in ("text_encoder", "unet", "vae"):
+    want = getattr(shipped, part).state_dict()
+    got = getattr(loaded, part).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), part
 dist.barrier()
 dist.destroy_process_group()
 """

@@ -19,10 +19,9 @@ rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 if rank == 0:
     time.sleep(3)
-from finetune.models import load_pipeline, tiny_base_folder
-from finetune.pipeline_cache import missing_parts
 import torch
-from finetune.models import build_toy_pipeline, shipped_toy_base
+from finetune.models import build_toy_pipeline, load_pipeline, shipped_toy_base, tiny_base_folder
+from finetune.pipeline_cache import missing_parts
 folder = tiny_base_folder()
 print("missing:", missing_parts(folder))
 loaded, shipped = load_pipeline("tiny"), build_toy_pipeline(shipped_toy_base())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 # Pipeline parts that hold no weights (their folders carry only configs or vocabularies).
-WEIGHTLESS_CLASS_MARKERS = ("Scheduler", "Tokenizer", "FeatureExtractor", "ImageProcessor", "Processor")
+WEIGHTLESS_CLASS_MARKERS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor")  # Processor: image ones too
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 

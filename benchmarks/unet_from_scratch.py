@@ -32,7 +32,7 @@ def main() -> None:
     import torch
 
     from finetune.models import build_random_pipeline, build_toy_pipeline, quiet_hf_progress_bars, shipped_toy_base
-    from finetune.toyworld.pretrain import encode_pool, render_pool, save_toy_base, train_unet
+    from finetune.toyworld.pretrain import encode_pool, prepare_for_precision, render_pool, save_toy_base, train_unet
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -41,6 +41,7 @@ def main() -> None:
     started = time.time()
     pipe = build_random_pipeline("tiny", seed=cfg.seed)
     pipe.vae = build_toy_pipeline(shipped_toy_base()).vae.float()  # its scaling_factor comes along
+    prepare_for_precision(pipe, cfg)
     pool, scenes = render_pool(cfg.images, cfg.seed)
     means, stds = encode_pool(pipe.vae, pool)
     if not cfg.sample_posterior:

@@ -176,3 +176,61 @@ def test_main_caption_rate_mixes_in_the_main_phrasing_without_changing_the_defau
     rng = random.Random(5)
     share = sum(caption(scene, rng, main_rate=0.5) == main for _ in range(2000)) / 2000
     assert 0.5 < share < 0.6  # half forced, plus the template's own 1/16 of the other half
+
+
+def test_bf16_pretraining_repeats_exactly_and_really_runs_in_bf16(tmp_path):
+    """`sdft toy-base --precision bf16 --fused-optimizer` (the fast path on AMX CPUs) writes a loadable base, the
+    same weights again from the same seed, and different weights from fp32 (autocast really engaged); an unknown
+    precision is refused before anything is written."""
+    from safetensors.torch import load_file
+
+    from finetune import UserError
+    from finetune.models import build_toy_pipeline
+    from finetune.toyworld.pretrain import pretrain
+    from finetune.toyworld.settings import PretrainConfig
+
+    small = dict(images=48, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, unet_warmup=1)
+    runs = {"bf16": PretrainConfig(**small, precision="bf16", fused_optimizer=True),
+            "bf16_again": PretrainConfig(**small, precision="bf16", fused_optimizer=True),
+            "fp32": PretrainConfig(**small, fused_optimizer=True)}
+    for name, cfg in runs.items():
+        pretrain(cfg, tmp_path / name, log=lambda _: None)
+
+    def weights(name, part):
+        return load_file(next((tmp_path / name / part).glob("*.safetensors")))
+
+    for part in ("vae", "unet", "text_encoder"):
+        first, again, fp32 = weights("bf16", part), weights("bf16_again", part), weights("fp32", part)
+        assert all(first[key].equal(again[key]) for key in first)
+        assert any(not first[key].equal(fp32[key]) for key in first)
+    pipe = build_toy_pipeline(tmp_path / "bf16")
+    assert pipe.unet.dtype.is_floating_point and pipe.vae.config.scaling_factor > 0
+    with pytest.raises(UserError, match="precision"):
+        pretrain(PretrainConfig(**small, precision="fp16"), tmp_path / "refused", log=lambda _: None)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_caption_curriculum_moves_from_the_main_phrasing_to_the_mix():
+    """`--main-caption-start S --main-caption-rate R`: the main phrasing's share goes linearly from S at the first
+    UNet step to R at the last; without a start it is R throughout (the shipped recipes)."""
+    from finetune.toyworld.pretrain import main_caption_share
+    from finetune.toyworld.settings import PretrainConfig
+
+    curriculum = PretrainConfig(unet_steps=101, main_caption_start=1.0, main_caption_rate=0.25)
+    shares = [main_caption_share(curriculum, step) for step in range(101)]
+    assert shares[0] == 1.0 and shares[-1] == pytest.approx(0.25) and shares[50] == pytest.approx(0.625)
+    assert all(a > b for a, b in zip(shares, shares[1:]))
+    flat = PretrainConfig(unet_steps=101, main_caption_rate=0.5)
+    assert {main_caption_share(flat, step) for step in range(101)} == {0.5}
+
+
+def test_score_base_refuses_a_phrasing_the_checker_cannot_score():
+    """`sdft score-base --template` must name colour, shape and background: a clear error, no model loaded."""
+    from finetune import UserError
+    from finetune.toyworld.bench import score_base
+    from finetune.toyworld.world import world_prompts
+
+    with pytest.raises(UserError, match="must name"):
+        score_base("tiny", template="a photo of a {c} {s}")
+    prompts = world_prompts("{c} {s}, {b} background")
+    assert len(prompts) == 96 and ("red circle, white background", "red", "circle", "white") in prompts

@@ -24,7 +24,7 @@ from PIL import Image, ImageChops, ImageFilter
 from .. import UserError
 from ..data import MASK_SUFFIX
 from .settings import BASE_SCORE_GUIDANCE, BENCH_METHODS, QualityBenchConfig
-from .world import BACKGROUNDS, Scene, random_scene, render, world_prompts
+from .world import BACKGROUNDS, CAPTION_TEMPLATES, Scene, random_scene, render, world_prompts
 
 TRAIN_BACKGROUNDS = ("white", "gray")  # black and pink are never shown with the concept: recontextualisation
 
@@ -91,14 +91,18 @@ def generate_batched(pipe, prompts: list[str], seeds: list[int], steps: int, gui
 
 def score_base(model: str = "tiny", seeds: list[int] = (7,),
                guidance: float = BASE_SCORE_GUIDANCE, grid: str | None = None,
-               steps: int = 25) -> dict[str, float]:
-    """Accuracy of a toy-world base on its 96 prompts "a {colour} {shape} on a {background} background"."""
+               steps: int = 25, template: str = CAPTION_TEMPLATES[0]) -> dict[str, float]:
+    """Accuracy of a toy-world base on its 96 prompts "a {colour} {shape} on a {background} background" (or the
+    same 96 scenes in another phrasing that names all three: how well the base reads varied captions)."""
     from ..models import load_pipeline
     from .checker import accuracy
 
+    if not all(key in template for key in ("{c}", "{s}", "{b}")):
+        raise UserError(f"template {template!r} must name the colour {{c}}, shape {{s}} and background {{b}}: the "
+                        "checker scores all three")
     pipe = load_pipeline(model)  # also opens a folder straight from `sdft toy-base`
     pipe.set_progress_bar_config(disable=True)
-    prompts = world_prompts()
+    prompts = world_prompts(template)
     texts = [p for p, *_ in prompts for _ in seeds]
     expected = [(c, s, b) for _, c, s, b in prompts for _ in seeds]
     images = generate_batched(pipe, texts, [seed for _ in prompts for seed in seeds], steps, guidance, batch=96)

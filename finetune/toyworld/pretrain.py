@@ -36,6 +36,43 @@ def render_pool(count: int, seed: int) -> tuple[torch.Tensor, list]:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), scenes
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_autocast(cfg: PretrainConfig, device):
+    """The forward passes' precision context: bf16 autocast, or nothing for fp32."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def build_adamw(params, cfg: PretrainConfig, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW for a pretraining stage; torch's fused kernel when cfg.fused_optimizer."""
+    # fused=None lets torch pick its default (foreach), the implementation the shipped base was trained with
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=cfg.fused_optimizer or None)
+
+
+def prepare_for_precision(pipe, cfg: PretrainConfig) -> None:
+    """Check cfg.precision; for bf16 switch the UNet and VAE to diffusers' matmul-softmax attention processor.
+
+    Under bf16 autocast torch's CPU flash-attention backward is ~10x slower than fp32 for these tiny heads; the plain
+    processor (same maths) is not. fp32 keeps the default SDPA path the shipped base was trained with."""
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if cfg.precision == "bf16":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        pipe.unet.set_attn_processor(AttnProcessor())
+        pipe.vae.set_attn_processor(AttnProcessor())
+
+
+def main_caption_share(cfg: PretrainConfig, step: int) -> float:
+    """The share of main-phrasing captions at this UNet step (a linear curriculum when main_caption_start is set)."""
+    if cfg.main_caption_start is None:
+        return cfg.main_caption_rate
+    progress = step / max(1, cfg.unet_steps - 1)
+    return cfg.main_caption_start + (cfg.main_caption_rate - cfg.main_caption_start) * progress
+
+
 def _to_unit(batch: torch.Tensor) -> torch.Tensor:
     return batch.float() / 127.5 - 1.0
 
@@ -64,7 +101,7 @@ def train_vae(vae, pool: torch.Tensor, cfg: PretrainConfig, log, device) -> floa
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     held_out, train_pool = split_held_out(pool)
     vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    optimizer = build_adamw(vae.parameters(), cfg, cfg.vae_lr, 0.0)
     crop_steps = int(cfg.vae_steps * cfg.vae_crop_fraction)
     started = time.time()
     for step in range(cfg.vae_steps):
@@ -76,10 +113,12 @@ def train_vae(vae, pool: torch.Tensor, cfg: PretrainConfig, log, device) -> floa
             # Plain backgrounds and shape edges look the same at any scale: crops teach them 4x cheaper.
             y, x = random_window(batch.shape[-1], 32, generator)
             batch = batch[:, :, y:y + 32, x:x + 32]
-        posterior = vae.encode(batch).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
-        recon = vae.decode(latents).sample
-        loss = F.mse_loss(recon, batch) + F.l1_loss(recon, batch) + cfg.vae_kl_weight * posterior.kl().mean()
+        with precision_autocast(cfg, device):
+            posterior = vae.encode(batch).latent_dist
+            noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+            recon = vae.decode(posterior.mean + posterior.std * noise).sample.float()
+            kl = posterior.kl().float().mean()
+        loss = F.mse_loss(recon, batch) + F.l1_loss(recon, batch) + cfg.vae_kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -99,7 +138,7 @@ def train_decoder(vae, pool: torch.Tensor, means: torch.Tensor, cfg: PretrainCon
     vae.requires_grad_(False)
     for param in trained:
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trained, lr=cfg.decoder_lr, weight_decay=0.0)
+    optimizer = build_adamw(trained, cfg, cfg.decoder_lr, 0.0)
     crop_steps = int(cfg.decoder_steps * cfg.decoder_crop_fraction)
     latent_size = means.shape[-1]
     factor = pool.shape[-1] // latent_size
@@ -115,7 +154,8 @@ def train_decoder(vae, pool: torch.Tensor, means: torch.Tensor, cfg: PretrainCon
             y, x = random_window(latent_size, window, generator)
             latents = latents[:, :, y:y + window, x:x + window]
             target = target[:, :, y * factor:(y + window) * factor, x * factor:(x + window) * factor]
-        recon = vae.decode(latents).sample
+        with precision_autocast(cfg, device):
+            recon = vae.decode(latents).sample.float()
         loss = F.mse_loss(recon, target) + F.l1_loss(recon, target)
         if cfg.decoder_edge_weight:
             # Differences of neighbouring pixels: tips and edges are few pixels, so MSE alone lets them blur.
@@ -163,7 +203,7 @@ def train_unet(pipe, means, stds, scenes, cfg: PretrainConfig, log, device) -> N
     generator = torch.Generator().manual_seed(cfg.seed + 2)
     caption_rng = random.Random(cfg.seed + 3)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    optimizer = build_adamw(params, cfg, cfg.unet_lr, 1e-2)
     average = TrainedWeightsEMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     unet.train()
     text_encoder.train()
@@ -174,8 +214,9 @@ def train_unet(pipe, means, stds, scenes, cfg: PretrainConfig, log, device) -> N
         index = torch.randint(len(means), (cfg.unet_batch,), generator=generator)
         draw = torch.randn(means[index].shape, generator=generator).to(device)
         latents = (means[index] + stds[index] * draw) * scale
+        main_share = main_caption_share(cfg, step)
         captions = ["" if caption_rng.random() < cfg.empty_caption_rate
-                    else caption(scenes[i], caption_rng, cfg.main_caption_rate) for i in index.tolist()]
+                    else caption(scenes[i], caption_rng, main_share) for i in index.tolist()]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         noise = torch.randn(latents.shape, generator=generator)
@@ -185,8 +226,9 @@ def train_unet(pipe, means, stds, scenes, cfg: PretrainConfig, log, device) -> N
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=generator)
         timesteps = timesteps.to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        hidden = text_encoder(ids)[0]
-        pred = unet(noisy, timesteps, hidden).sample
+        with precision_autocast(cfg, device):
+            hidden = text_encoder(ids)[0]
+            pred = unet(noisy, timesteps, hidden).sample.float()
         losses = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (losses * min_snr_weights(scheduler, timesteps, cfg.snr_gamma, "epsilon")).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -220,6 +262,7 @@ def pretrain(cfg: PretrainConfig, output: Path, log=print):
         pipe = build_toy_pipeline(Path(cfg.init_from)).to(device)
     else:
         pipe = build_random_pipeline("tiny", seed=cfg.seed).to(device)
+    prepare_for_precision(pipe, cfg)
     pool, scenes = render_pool(cfg.images, cfg.seed)
     timings["render_s"] = round(time.time() - started, 1)
     log(f"rendered {len(pool)} images in {timings['render_s']} s")

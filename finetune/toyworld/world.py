@@ -101,6 +101,7 @@ def caption(scene: Scene, rng: random.Random, main_rate: float = 0.0) -> str:
     return template.format(c=scene.colour, s=scene.shape, b=scene.background)
 
 
-def world_prompts() -> list[tuple[str, str, str, str]]:
-    """Every (prompt, colour, shape, background) of the base's own world, in its main phrasing (96 prompts)."""
-    return [(f"a {c} {s} on a {b} background", c, s, b) for s in SHAPES for c in COLOURS for b in BACKGROUNDS]
+def world_prompts(template: str = CAPTION_TEMPLATES[0]) -> list[tuple[str, str, str, str]]:
+    """Every (prompt, colour, shape, background) of the base's own world (96 prompts), in the main phrasing or in
+    another template that names all three ({c}, {s} and {b})."""
+    return [(template.format(c=c, s=s, b=b), c, s, b) for s in SHAPES for c in COLOURS for b in BACKGROUNDS]

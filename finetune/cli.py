@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                        allow_abbrev=False)
     _add_dataclass_flags(p, QualityBenchConfig)
     p = sub.add_parser("toy-base", help="pretrain a toy-world base from a seed (one stage of the built-in `tiny` "
-                       "base's chain; finetune/assets/toy_base/README.md has the chain and a 28-min one-run recipe)",
+                       "base's chain; finetune/assets/toy_base/README.md has the chain and a ~30-min one-run recipe)",
                        allow_abbrev=False)
     p.add_argument("--output", required=True, help="folder for the fp16 diffusers pipeline")
     _add_dataclass_flags(p, PretrainConfig)
@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=BASE_SCORE_GUIDANCE,
                    help="guidance scale (default: %(default)s, the one the base's accuracy is quoted at)")
     p.add_argument("--grid", default=None, help="also save every sample as one PNG grid here")
-    p.add_argument("--template", default="a {c} {s} on a {b} background",
-                   help="phrasing of the 96 prompts, naming {c} colour, {s} shape and {b} background (default: "
-                   "%(default)s, the main one; e.g. '{c} {s}, {b} background' scores how the base reads others)")
+    p.add_argument("--template", default=None,
+                   help="phrasing of the 96 prompts, naming {c} colour, {s} shape and {b} background (default: the "
+                   "main one, 'a {c} {s} on a {b} background'; e.g. '{c} {s}, {b} background' scores another)")
     p = sub.add_parser("generate", help="generate images with a base model and adapters", allow_abbrev=False)
     p.add_argument("--model", default="tiny", help="base model (as for training)")
     p.add_argument("--model-config", default=None, help="configs for a single-file --model")
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "score-base":
             from .toyworld.bench import score_base
 
-            print(json.dumps(score_base(args.model, args.seeds, args.guidance, args.grid, template=args.template)))
+            phrasing = {"template": args.template} if args.template else {}
+            print(json.dumps(score_base(args.model, args.seeds, args.guidance, args.grid, **phrasing)))
             return 0
         config = load_recipe(args.recipe, args.overrides) if args.command == "train" else config_from_args(args)
         from .trainer import run_training

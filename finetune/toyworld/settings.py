@@ -45,7 +45,7 @@ class PretrainConfig:
     # of which 3 leave the colour out and 6 the background): every caption of it names all three attributes.
     main_caption_rate: float = 0.0
     # A caption curriculum: when set, the share of main-phrasing captions starts here and moves linearly to
-    # main_caption_rate over the UNet steps (1.0 -> 0.3: the attributes are learned from the one grammar that always
+    # main_caption_rate over the UNet steps (1.0 -> 0.25: the attributes are learned from the one grammar that always
     # names them, then the other phrasings are mapped onto them).
     main_caption_start: float | None = None
     max_grad_norm: float = 1.0
@@ -55,8 +55,8 @@ class PretrainConfig:
     threads: int = 0  # 0: torch's default
     # "bf16": autocast the VAE and UNet/text-encoder steps to bfloat16 (weights, optimizer state and the encoded
     # latents stay fp32). On CPUs with AMX bf16 units (Sapphire Rapids and later) a UNet step is ~1.25x and a 64 px
-    # VAE step ~2.4x faster; on CPUs without them slower. Attention then runs diffusers' plain processor: torch's
-    # CPU flash-attention backward in bf16 is ~10x slower than fp32 here (benchmarks/pretrain_step_time.py).
+    # VAE step ~2.4x faster; on CPUs without them slower. Attention then runs without SDPA (diffusers' plain
+    # processor, transformers' eager): torch's CPU flash-attention backward in bf16 is ~10x slower than fp32 here.
     precision: str = "fp32"
     fused_optimizer: bool = False  # torch's fused AdamW (one kernel for all tensors; ~15% off a CPU step)
     # continue from a saved toy base: keep its VAE (decoder_steps may sharpen the decoder), train text encoder + UNet

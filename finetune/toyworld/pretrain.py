@@ -52,11 +52,10 @@ def build_adamw(params, cfg: PretrainConfig, lr: float, weight_decay: float) -> 
 
 
 def prepare_for_precision(pipe, cfg: PretrainConfig) -> None:
-    """Check cfg.precision; for bf16 give every model matmul-softmax attention instead of torch's SDPA.
+    """Check cfg.precision; for bf16 switch the UNet and VAE to diffusers' matmul-softmax attention processor.
 
-    Under bf16 autocast torch's CPU flash-attention backward is ~10x slower than fp32 for these tiny heads; diffusers'
-    plain processor and transformers' "eager" attention (same maths) are not. fp32 keeps the default SDPA path the
-    shipped base was trained with. Neither choice is saved with the weights: loaders pick their own."""
+    Under bf16 autocast torch's CPU flash-attention backward is ~10x slower than fp32 for these tiny heads; the plain
+    processor (same maths) is not. fp32 keeps the default SDPA path the shipped base was trained with."""
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.precision == "bf16":
@@ -64,7 +63,6 @@ def prepare_for_precision(pipe, cfg: PretrainConfig) -> None:
 
         pipe.unet.set_attn_processor(AttnProcessor())
         pipe.vae.set_attn_processor(AttnProcessor())
-        pipe.text_encoder.set_attn_implementation("eager")
 
 
 def main_caption_share(cfg: PretrainConfig, step: int) -> float:

@@ -7,8 +7,8 @@ Times the step `sdft toy-base` repeats (finetune/toyworld/pretrain.py::train_une
 gradient clipping) on randomly initialised models of the toy base's shape, once with every weight trained and once
 with the 49408 x 64 token embedding frozen, to see what the embedding's dense update costs. The caption tokens and
 latents are fixed: data preparation is measured apart (tokenising 64 captions takes ~5 ms). `--precision bf16`
-and `--fused-optimizer` time `sdft toy-base`'s flags of the same names (bf16 autocast with attention that avoids
-SDPA, torch's fused AdamW).
+and `--fused-optimizer` time `sdft toy-base`'s flags of the same names (bf16 autocast with diffusers' plain
+attention processor in the UNet, torch's fused AdamW).
 """
 
 from __future__ import annotations

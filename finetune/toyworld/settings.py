@@ -55,8 +55,8 @@ class PretrainConfig:
     threads: int = 0  # 0: torch's default
     # "bf16": autocast the VAE and UNet/text-encoder steps to bfloat16 (weights, optimizer state and the encoded
     # latents stay fp32). On CPUs with AMX bf16 units (Sapphire Rapids and later) a UNet step is ~1.25x and a 64 px
-    # VAE step ~2.4x faster; on CPUs without them slower. Attention then runs without SDPA (diffusers' plain
-    # processor, transformers' eager): torch's CPU flash-attention backward in bf16 is ~10x slower than fp32 here.
+    # VAE step ~2.4x faster; on CPUs without them slower. The UNet's and VAE's attention then run diffusers' plain
+    # processor: torch's CPU flash-attention backward in bf16 is ~10x slower than fp32 for their heads.
     precision: str = "fp32"
     fused_optimizer: bool = False  # torch's fused AdamW (one kernel for all tensors; ~15% off a CPU step)
     # continue from a saved toy base: keep its VAE (decoder_steps may sharpen the decoder), train text encoder + UNet

@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(trains every method x prior x seed, scores samples with the analytic checker)",
                        allow_abbrev=False)
     _add_dataclass_flags(p, QualityBenchConfig)
-    p = sub.add_parser("toy-base", help="pretrain a toy-world base from a seed (one stage of the built-in `tiny` "
-                       "base's chain; finetune/assets/toy_base/README.md has the chain and a ~30-min one-run recipe)",
+    p = sub.add_parser("toy-base", help="pretrain a toy-world base from a seed (defaults: a whole base in one "
+                       "~30-40 min run; finetune/assets/toy_base/README.md has it and the chain that built `tiny`)",
                        allow_abbrev=False)
     p.add_argument("--output", required=True, help="folder for the fp16 diffusers pipeline")
     _add_dataclass_flags(p, PretrainConfig)

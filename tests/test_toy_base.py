@@ -192,7 +192,7 @@ def test_bf16_pretraining_repeats_exactly_and_really_runs_in_bf16(tmp_path):
     small = dict(images=48, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, unet_warmup=1)
     runs = {"bf16": PretrainConfig(**small, precision="bf16", fused_optimizer=True),
             "bf16_again": PretrainConfig(**small, precision="bf16", fused_optimizer=True),
-            "fp32": PretrainConfig(**small, fused_optimizer=True)}
+            "fp32": PretrainConfig(**small, precision="fp32", fused_optimizer=True)}
     for name, cfg in runs.items():
         pretrain(cfg, tmp_path / name, log=lambda _: None)
 
@@ -213,7 +213,7 @@ def test_bf16_pretraining_repeats_exactly_and_really_runs_in_bf16(tmp_path):
 
 def test_caption_curriculum_moves_from_the_main_phrasing_to_the_mix():
     """`--main-caption-start S --main-caption-rate R`: the main phrasing's share goes linearly from S at the first
-    UNet step to R at the last; without a start it is R throughout (the shipped recipes)."""
+    UNet step to R at the last; without a start, or with S = R, it is R throughout (the v3-v5 chain's stages)."""
     from finetune.toyworld.pretrain import main_caption_share
     from finetune.toyworld.settings import PretrainConfig
 
@@ -221,8 +221,9 @@ def test_caption_curriculum_moves_from_the_main_phrasing_to_the_mix():
     shares = [main_caption_share(curriculum, step) for step in range(101)]
     assert shares[0] == 1.0 and shares[-1] == pytest.approx(0.25) and shares[50] == pytest.approx(0.625)
     assert all(a > b for a, b in zip(shares, shares[1:]))
-    flat = PretrainConfig(unet_steps=101, main_caption_rate=0.5)
-    assert {main_caption_share(flat, step) for step in range(101)} == {0.5}
+    for start in (None, 0.5):
+        flat = PretrainConfig(unet_steps=101, main_caption_start=start, main_caption_rate=0.5)
+        assert {main_caption_share(flat, step) for step in range(101)} == {0.5}
 
 
 def test_score_base_refuses_a_phrasing_the_checker_cannot_score():

@@ -36,7 +36,7 @@ class PretrainConfig:
     seed: int = 2  # 0.967 on a Xeon with AMX (session 17), 0.928 on an AMD EPYC (session 18); seed 0: 0.904
     images: int = 12_000  # the rendered pool; the VAE and the UNet both learn from it
     vae_steps: int = 1_200
-    vae_crop_fraction: float = 0.7  # 32 px crop steps cost ~1/5 of full ones: ~60% of the VAE time on crops
+    vae_crop_fraction: float = 0.7  # leading share of VAE steps on 32 px crops (~1/5 the cost of a 64 px step)
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
@@ -62,8 +62,9 @@ class PretrainConfig:
     # "bf16": autocast the VAE and UNet/text-encoder steps to bfloat16 (weights, optimizer state and the encoded
     # latents stay fp32). On CPUs with AMX bf16 units (Sapphire Rapids and later) a UNet step is ~1.25x and a 64 px
     # VAE step ~2.4x faster; on an AMD EPYC with AVX512-BF16 but no AMX a UNet step is ~1.4x faster (0.64 s against
-    # 0.89 s, benchmarks/pretrain_step_time.py); on CPUs without bf16 instructions slower. The UNet's and VAE's attention then run diffusers' plain
-    # processor: torch's CPU flash-attention backward in bf16 is ~10x slower than fp32 for their heads.
+    # 0.89 s, benchmarks/pretrain_step_time.py); on CPUs without bf16 instructions slower. The UNet's and VAE's
+    # attention then run diffusers' plain processor: torch's CPU flash-attention backward in bf16 is ~10x slower
+    # than fp32 for their heads.
     precision: str = "bf16"
     fused_optimizer: bool = True  # torch's fused AdamW (one kernel for all tensors; ~15% off a CPU step)
     # continue from a saved toy base: keep its VAE (decoder_steps may sharpen the decoder), train text encoder + UNet

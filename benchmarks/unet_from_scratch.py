@@ -7,7 +7,9 @@
 `sdft toy-base` from scratch spends ~10-16 min of a run on the VAE before the UNet learns anything. This script
 skips that stage (it takes the VAE, with its scaling factor, from the built-in base) so UNet recipes (batch,
 caption mix, lr, steps) can be compared at ~20 min a try. The text encoder and UNet start from the same random
-weights as `sdft toy-base --seed S`. OUT loads like any `sdft toy-base` folder (`--model OUT`).
+weights as `sdft toy-base --seed S`. OUT loads like any `sdft toy-base` folder (`--model OUT`). The flags'
+defaults are `sdft toy-base`'s (the one-run recipe since session 18: bf16, a caption curriculum); sessions 12 and 15
+ran with fp32 and a constant caption share (their commands in benchmarks/README.md spell that out).
 """
 
 from __future__ import annotations

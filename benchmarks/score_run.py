@@ -4,10 +4,13 @@
     python benchmarks/score_run.py PIPELINE_FOLDER --token "<sks> <sks>_1" --bench BENCH_OUTPUT
     python benchmarks/score_run.py --sheets BENCH_OUTPUT/runs/*       # counts from concept sheets already written
     python benchmarks/score_run.py tiny RUN... --guidance 5           # the base and runs at another guidance
+    python benchmarks/score_run.py RUN --token "<sks>" --bench BENCH_OUTPUT --scale 0.7   # a blended DreamBooth run
 
 RUN is a `sdft train` output folder: its `pipeline/` if it has one (DreamBooth), else the base named in its
 config.yaml with its pytorch_lora_weights.safetensors (and a pivotal run's learned_embeds.safetensors) loaded
-by diffusers' own loaders (LoRA); a name without a run folder is a base. The scores are
+by diffusers' own loaders (LoRA); a name without a run folder is a base. With --scale S a DreamBooth run is
+loaded as `sdft generate --adapter RUN/pipeline --adapter-scale S` loads it: its base plus S times the fine-tune's
+change of every weight (its new word as trained). The scores are
 `finetune.toyworld.bench.evaluate`'s (100 concept prompts, 96 class prompts, the bench's seeds), drift against
 the base's class accuracy stored in BENCH_OUTPUT/results.json; a concept-sheet.png (a row of 25 per background)
 is written into RUN. For every sheet, the checker's colour and shape counts per background row are printed:
@@ -22,11 +25,19 @@ import json
 from pathlib import Path
 
 
-def load_run(path: Path):
+def load_run(path: Path, scale: float | None = None):
     """A pipeline for a run folder or a pipeline folder (see the module docstring)."""
     import yaml
 
     from finetune.models import load_pipeline
+
+    if scale is not None:  # a DreamBooth run blended into its base, as `sdft generate --adapter-scale` does
+        from finetune.inference import load_adapter
+
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        pipe = load_pipeline(config["model"]["name"])
+        load_adapter(pipe, path / "pipeline", scale)
+        return pipe
 
     if (path / "model_index.json").exists():
         return load_pipeline(str(path))
@@ -81,6 +92,8 @@ def main() -> None:
                              "and drift needs --base-accuracy measured at the same guidance: score `tiny` itself)")
     parser.add_argument("--base-accuracy", type=float, default=None,
                         help="the base's class accuracy to compute drift against (default: the bench's results.json)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="a DreamBooth run's change of the base, scaled (the sheet is then concept-sheet-sS.png)")
     args = parser.parse_args()
 
     if not args.sheets:
@@ -94,16 +107,17 @@ def main() -> None:
             base_accuracy = json.loads((Path(args.bench) / "results.json").read_text())["base"]["class_accuracy"]
         if args.guidance is not None:
             cfg.guidance = args.guidance
-    sheet_name = "concept-sheet.png" if args.guidance is None else f"concept-sheet-g{args.guidance:g}.png"
+    sheet_name = "concept-sheet" + ("" if args.guidance is None else f"-g{args.guidance:g}") + (
+        "" if args.scale is None else f"-s{args.scale:g}") + ".png"
     for run in map(Path, args.runs):
         if not args.sheets:
-            pipe = load_run(run)
+            pipe = load_run(run, args.scale)
             pipe.text_encoder.eval()
             pipe.unet.eval()
             scores, concept_images, _ = evaluate(pipe, args.token, cfg)
             if base_accuracy is not None:
                 scores["class_drift"] = round(base_accuracy - scores["class_accuracy"], 4)
-            print(json.dumps({"run": str(run), "guidance": cfg.guidance, **scores}))
+            print(json.dumps({"run": str(run), "guidance": cfg.guidance, "scale": args.scale, **scores}))
             if not run.is_dir():
                 continue  # a base by name: nothing to write a sheet into
             image_grid(concept_images, cfg.samples_per_background).save(run / sheet_name)

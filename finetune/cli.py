@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import os
 import sys
-import types
-import typing
 
 from . import UserError, __version__
 from .config import METHOD_SECTIONS, RunConfig, coerce, field_flag, field_kind, load_recipe
@@ -43,27 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conv-rank", type=int, default=None,
                    help="rank for 3x3 convs (default: --rank; 0 leaves them out as kohya's tool does)")
     p.add_argument("--output", default="extracted_lora.safetensors", help="output .safetensors")
-    from .toyworld.settings import BASE_SCORE_GUIDANCE, PretrainConfig, QualityBenchConfig
-
-    p = sub.add_parser("bench-quality", help="how well each method learns a new concept on the toy base "
-                       "(trains every method x prior x seed, scores samples with the analytic checker)",
-                       allow_abbrev=False)
-    _add_dataclass_flags(p, QualityBenchConfig)
-    p = sub.add_parser("toy-base", help="pretrain a toy-world base from a seed (defaults: a whole base in one "
-                       "~30-40 min run; finetune/assets/toy_base/README.md has it and the chain that built `tiny`)",
-                       allow_abbrev=False)
-    p.add_argument("--output", required=True, help="folder for the fp16 diffusers pipeline")
-    _add_dataclass_flags(p, PretrainConfig)
-    p = sub.add_parser("score-base", help="how well a toy-world base draws its own 96 prompts (colour, shape, "
-                       "background by the analytic checker)", allow_abbrev=False)
-    p.add_argument("model", nargs="?", default="tiny", help="base folder (default: the built-in tiny base)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[7], help="sampling seeds per prompt (default: 7)")
-    p.add_argument("--guidance", type=float, default=BASE_SCORE_GUIDANCE,
-                   help="guidance scale (default: %(default)s, the one the base's accuracy is quoted at)")
-    p.add_argument("--grid", default=None, help="also save every sample as one PNG grid here")
-    p.add_argument("--template", default=None,
-                   help="phrasing of the 96 prompts, naming {c} colour, {s} shape and {b} background (default: the "
-                   "main one, 'a {c} {s} on a {b} background'; e.g. '{c} {s}, {b} background' scores another)")
     p = sub.add_parser("generate", help="generate images with a base model and adapters", allow_abbrev=False)
     p.add_argument("--model", default="tiny", help="base model (as for training)")
     p.add_argument("--model-config", default=None, help="configs for a single-file --model")
@@ -99,28 +75,6 @@ def _add_config_flags(parser: argparse.ArgumentParser, config: RunConfig) -> Non
                                    choices=f.metadata.get("choices"), help=help_text)
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """A flag per field of a plain settings dataclass (int/float/str/bool, their lists, or optional)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        is_list = typing.get_origin(kind) is list
-        scalar = args[0] if args and (is_list or typing.get_origin(kind) in (typing.Union, types.UnionType)) else kind
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        flag = "--" + f.name.replace("_", "-")
-        if scalar is bool and not is_list:
-            parser.add_argument(flag, dest=f"dc:{f.name}", action=argparse.BooleanOptionalAction, default=default)
-            continue
-        convert = (lambda v: v.lower() in ("1", "true", "yes", "on")) if scalar is bool else scalar
-        parser.add_argument(flag, dest=f"dc:{f.name}", type=convert, nargs="+" if is_list else None,
-                            default=default, metavar=f.name.upper(), help=f"(default: {default})")
-
-
-def _dataclass_from_args(cls, args: argparse.Namespace):
-    return cls(**{k[3:]: v for k, v in vars(args).items() if k.startswith("dc:")})
-
-
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     config = RunConfig.for_method(args.method)
     for key, value in vars(args).items():
@@ -151,7 +105,7 @@ def _all_actions(parser: argparse.ArgumentParser):
                 yield from sub._actions
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -199,32 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 0
-        _quiet_libraries()
+        quiet_libraries()
         if args.command == "generate":
             print(f"wrote {run_generate(args)}")
             return 0
         if args.command == "extract-lora":
             print(f"wrote {run_extract_lora(args)}")
-            return 0
-        if args.command == "bench-quality":
-            from .toyworld.bench import run_quality_bench
-            from .toyworld.settings import QualityBenchConfig
-
-            bench = _dataclass_from_args(QualityBenchConfig, args)
-            run_quality_bench(bench)
-            print(f"wrote {os.path.join(bench.output, 'table.md')}")
-            return 0
-        if args.command == "toy-base":
-            from .toyworld.pretrain import pretrain
-            from .toyworld.settings import PretrainConfig
-
-            pretrain(_dataclass_from_args(PretrainConfig, args), args.output)
-            return 0
-        if args.command == "score-base":
-            from .toyworld.bench import score_base
-
-            phrasing = {"template": args.template} if args.template else {}
-            print(json.dumps(score_base(args.model, args.seeds, args.guidance, args.grid, **phrasing)))
             return 0
         config = load_recipe(args.recipe, args.overrides) if args.command == "train" else config_from_args(args)
         from .trainer import run_training

@@ -56,7 +56,7 @@ class DataConfig:
     cache_latents: bool = opt(True, "encode each image with the VAE once, not every step")
     vae_posterior: str = opt("sample", "training latents: a fresh sample of each image's VAE posterior every step (as "
                              "diffusers' and kohya's scripts do) or its mean (how the toy-world bases were "
-                             "pretrained; on them it learns less and drifts less, see benchmarks/README.md)",
+                             "pretrained; on them it learns less and drifts less)",
                              choices=("sample", "mean"))
     latent_cache_dir: str | None = opt(None, "also keep the cached latents on disk here, reused by later runs "
                                        "(keyed by image pixels, resolution, crop/flip, dtype and VAE weights)")
@@ -196,7 +196,7 @@ class PivotalConfig:
                          flag="pivotal-init-word")
     norm: float | None = opt(None, "rescale every learned vector to this length before the method's phase (unset: "
                              "keep them); textual inversion leaves them far longer than the base's own words, and an "
-                             "over-long word drowns the rest of the prompt (toy base: 0.2, see benchmarks/README.md)",
+                             "over-long word drowns the rest of the prompt (the toy base's own words: ~0.3)",
                              flag="pivotal-norm")
 
 

@@ -1,7 +1,7 @@
 """Hypernetworks (the A1111 kind): per context width, a (K, V) pair of small residual MLPs applied to the
 attention context before `to_k`/`to_v`, installed on a diffusers UNet through an attention processor.
 
-The module layout mirrors A1111's `HypernetworkModule` (see shared/formats.md, "Hypernetworks") so that
+The module layout mirrors A1111's `HypernetworkModule` so that
 state dicts load strictly in A1111, Forge and ComfyUI: each branch holds an `nn.Sequential` named
 `linear` whose indices count the parameter-free layers (activations, dropout) too.
 """

@@ -42,7 +42,7 @@ def cache_root() -> Path:
 def tiny_configs() -> dict[str, dict]:
     """Configs of the tiny SD-architecture base (64 px images, 16x16x4 latents, ~4M-param UNet).
 
-    The built-in `tiny` base has these shapes with weights pretrained on the toy world (finetune/toyworld).
+    The built-in `tiny` base has these shapes, with weights pretrained on a toy world of coloured shapes.
     """
     return {
         "vae": dict(
@@ -77,49 +77,7 @@ def quiet_hf_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def sd15_configs() -> dict[str, dict]:
-    """Configs with the shapes of Stable Diffusion 1.5 (UNet 860M, CLIP ViT-L/14 text encoder, SD VAE)."""
-    return {
-        "vae": dict(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-            block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        ),
-        "unet": dict(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        ),
-        "text_encoder": dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ),
-        "scheduler": tiny_configs()["scheduler"],
-    }
-
-
-RANDOM_SHAPES = {"tiny": tiny_configs, "sd15": sd15_configs}
-
-
-def build_random_pipeline(shape: str = "tiny", seed: int = 0):
-    """A randomly initialised pipeline of the given shape ('tiny' or 'sd15'), real CLIP tokenizer.
-
-    Deterministic for a seed; used for the tiny base and for real-size benchmarks with no download.
-    """
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-
-    cfg = RANDOM_SHAPES[shape]()
-    torch.manual_seed(seed)
-    return _assemble_pipeline(AutoencoderKL(**cfg["vae"]), CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-                              UNet2DConditionModel(**cfg["unet"]), DDIMScheduler(**cfg["scheduler"]))
-
-
-def _assemble_pipeline(vae, text_encoder, unet, scheduler):
+def assemble_pipeline(vae, text_encoder, unet, scheduler):
     """A StableDiffusionPipeline of these parts with the offline CLIP tokenizer and no safety checker."""
     from diffusers import StableDiffusionPipeline
 
@@ -131,7 +89,7 @@ def _assemble_pipeline(vae, text_encoder, unet, scheduler):
 
 
 def shipped_toy_base() -> Path:
-    """The folder of the pretrained toy-world weights shipped in the package (fp16, built by `sdft toy-base`)."""
+    """The folder of the pretrained toy-world weights shipped in the package (fp16, built by `python -m lab toy-base`)."""
     from importlib import resources
 
     return Path(str(resources.files("finetune") / "assets" / "toy_base"))
@@ -145,8 +103,8 @@ def build_toy_pipeline(folder: Path):
 
     if not (folder / "unet" / "config.json").exists():
         raise UserError(f"the built-in toy base is missing from {folder}; reinstall sdft, or rebuild it with "
-                        f"`sdft toy-base --output {folder}`")
-    return _assemble_pipeline(
+                        f"`python -m lab toy-base --output {folder}`")
+    return assemble_pipeline(
         AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32),
         CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32),
         UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32),
@@ -166,7 +124,7 @@ def tiny_base_folder() -> Path:
 
 
 def is_toy_base_folder(path: Path) -> bool:
-    """True for a folder as `sdft toy-base` writes it: model parts and pretrain.json, no model_index.json."""
+    """True for a folder as `python -m lab toy-base` writes it: model parts and pretrain.json, no model_index.json."""
     return ((path / "pretrain.json").exists() and (path / "unet" / "config.json").exists()
             and not (path / "model_index.json").exists())
 

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAR_IMAGES = REPO / "data_examples" / "star"
-SHARED = REPO.parent / "shared"
+PHOTOS = REPO / "data_examples" / "photos"
 
 
 @pytest.fixture(scope="session")
@@ -27,11 +27,9 @@ def star_images() -> Path:
 
 
 @pytest.fixture(scope="session")
-def dreambooth_photos() -> Path:
-    """The DreamBooth paper's photos in ../shared (present on developer machines and in CI)."""
-    folder = SHARED / "dreambooth"
-    assert folder.is_dir(), f"{folder} is missing: the tests expect ../shared beside the checkout"
-    return folder
+def photos() -> Path:
+    """Five JPEGs made like camera photos (odd sizes, EXIF rotation, greyscale, CMYK, progressive), in the repo."""
+    return PHOTOS
 
 
 @pytest.fixture()

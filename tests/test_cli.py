@@ -83,10 +83,10 @@ def test_generate_unknown_adapter(capsys, tmp_path):
         capsys, ["generate", "--prompt", "x", "--adapter", str(junk), "--output", str(tmp_path / "x.png")])
 
 
-def test_lora_cli_end_to_end(tmp_path, dreambooth_photos, capsys):
-    """The issue's command: 30 steps on the dog photos; both exports reproduce the trained samples."""
+def test_lora_cli_end_to_end(tmp_path, photos, capsys):
+    """`sdft lora` on photo-like JPEGs for 30 steps; both exports reproduce the trained samples."""
     out = tmp_path / "out"
-    argv = ["lora", "--images", str(dreambooth_photos / "dog"), "--token", "sks", "--class-word", "dog",
+    argv = ["lora", "--images", str(photos), "--token", "sks", "--class-word", "dog",
             "--model", "tiny", "--steps", "30", "--output", str(out), "--lr", "1e-3", "--sample-seeds", "0,1"]
     assert main(argv) == 0
     printed = capsys.readouterr().out

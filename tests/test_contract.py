@@ -1,4 +1,4 @@
-"""The contract every registered strategy must keep (shared/design.md)."""
+"""The contract every registered strategy must keep: only declared parameters train, state round-trips, exports reload."""
 
 from __future__ import annotations
 

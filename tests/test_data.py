@@ -215,3 +215,22 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     Dataset.from_dict({"label": [1]}).save_to_disk(str(tmp_path / "no-images"))
     with pytest.raises(UserError, match="no image column"):
         load_examples(str(tmp_path / "no-images"), "{token}", "sks", "")
+
+
+def test_example_photos_load_as_displayed(photos):
+    """JPEG variants real photo folders hold (EXIF rotation, greyscale, CMYK, progressive) all load as RGB the
+    way a viewer shows them; the EXIF-rotated one comes out portrait, as it was taken."""
+    import numpy as np
+
+    from lab.make_examples import PHOTOS, photo_like
+
+    by_name = {e.path.name: e.image for e in load_examples(str(photos), "a photo of {token}", "sks", "")}
+    assert len(by_name) == len(PHOTOS)
+    for index, (width, height, _, _, _) in enumerate(PHOTOS):
+        image = by_name[f"{index:02d}.jpg"]
+        assert image.mode == "RGB" and image.size == (width, height)
+        pixels = np.asarray(image).astype(int)
+        assert pixels.std() > 10, "the photo decoded to a flat image"
+    # Turned back the right way (not only the right size): close to the picture before it was stored rotated.
+    drawn = np.asarray(photo_like(*PHOTOS[1][:2], seed=1)).astype(int)
+    assert np.abs(np.asarray(by_name["01.jpg"]).astype(int) - drawn).mean() < 8

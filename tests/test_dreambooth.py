@@ -151,7 +151,7 @@ def test_several_class_prompts_cycle_and_caption_their_images(tmp_path):
     from PIL import Image
 
     from finetune.data import load_examples
-    from finetune.toyworld.checker import check
+    from lab.toyworld.checker import check
     from finetune.trainer import run_training
 
     prompts = ["a red circle on a white {class}", "a blue square on a pink {class}"]

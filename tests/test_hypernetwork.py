@@ -25,7 +25,7 @@ INFO = {"step": 7, "name": "sks_hypernetwork", "sd_checkpoint": None, "sd_checkp
         "optional_info": "test"}
 
 # (structure, expected branch keys for width 8 as (index, weight shape)), written out by hand from the
-# layout in shared/formats.md: Linear, activation (not on the last layer unless activate_output),
+# A1111 hypernetwork layout: Linear, activation (not on the last layer unless activate_output),
 # LayerNorm, Dropout; the index counts every layer.
 LAYOUTS = {
     "linear_1_2_1": (

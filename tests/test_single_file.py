@@ -128,7 +128,7 @@ def test_sd15_layout_matches_diffusers_converter():
 
     from finetune.formats.single_file import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, text_encoder_to_ldm,
                                               unet_to_ldm, vae_to_ldm)
-    from finetune.models import sd15_configs
+    from lab.random_bases import sd15_configs
 
     cfg = sd15_configs()
     with torch.device("meta"):

@@ -23,11 +23,11 @@ def toy_pipe():
 def test_shipped_base_draws_what_its_prompts_ask(toy_pipe):
     """The base follows its own prompts far above chance (1 in 96 for colour, shape and background together).
 
-    A quick guard on 48 samples (a broken base, tokenizer or loader fails here); issue 3's >= 95% is measured on
-    1152 samples by the slow test below.
+    A quick guard on 48 samples (a broken base, tokenizer or loader fails here); the base's >= 95% is measured
+    on 1152 samples by the slow test below.
     """
-    from finetune.toyworld.bench import class_prompt_set, generate_batched
-    from finetune.toyworld.checker import accuracy
+    from lab.toyworld.bench import class_prompt_set, generate_batched
+    from lab.toyworld.checker import accuracy
 
     prompts = class_prompt_set(24)
     texts = [p for p, *_ in prompts for _ in range(2)]
@@ -38,15 +38,15 @@ def test_shipped_base_draws_what_its_prompts_ask(toy_pipe):
     assert scores["all"] >= MIN_ALL_CORRECT and scores["shape"] >= MIN_SHAPE, scores
 
 
-# Issue 3's measure of the base: its 96 prompts x 12 sampling seeds (the 1152 samples of the asset README).
+# The base's quoted accuracy: its 96 prompts x 12 sampling seeds (1152 samples).
 BASE_SCORE_SEEDS = [7, 100, 101, 200, 201, 202, 300, 301, 302, 303, 304, 305]
 
 
 @pytest.mark.slow
 def test_shipped_base_scores_95_percent_on_its_own_prompts():
     """Colour, shape and background all right for >= 95% of 1152 samples at the base-score guidance (~3.5 min)."""
-    from finetune.toyworld.bench import score_base
-    from finetune.toyworld.settings import BASE_SCORE_GUIDANCE
+    from lab.toyworld.bench import score_base
+    from lab.toyworld.settings import BASE_SCORE_GUIDANCE
 
     scores = score_base("tiny", BASE_SCORE_SEEDS, BASE_SCORE_GUIDANCE)
     assert scores["samples"] == 1152 and scores["all"] >= 0.95, scores
@@ -54,8 +54,8 @@ def test_shipped_base_scores_95_percent_on_its_own_prompts():
 
 def test_unknown_word_does_not_make_stars(toy_pipe):
     """The star is a novel concept: the base never draws one, even when asked for it."""
-    from finetune.toyworld.bench import generate_batched
-    from finetune.toyworld.checker import star_rate
+    from lab.toyworld.bench import generate_batched
+    from lab.toyworld.checker import star_rate
 
     images = generate_batched(toy_pipe, ["a red star on a white background"] * 16, list(range(16)), steps=25,
                               guidance=7.5, batch=16)
@@ -64,8 +64,8 @@ def test_unknown_word_does_not_make_stars(toy_pipe):
 
 def test_quality_bench_smoke(tmp_path):
     """Two training steps per condition: the bench writes scores for every run, a table and grids."""
-    from finetune.toyworld.bench import run_quality_bench
-    from finetune.toyworld.settings import QualityBenchConfig
+    from lab.toyworld.bench import run_quality_bench
+    from lab.toyworld.settings import QualityBenchConfig
 
     cfg = QualityBenchConfig(output=str(tmp_path), methods=["lora"], priors=[False], seeds=[0], steps=2,
                              samples_per_background=2, class_prompts=4, samples_per_class_prompt=1, sample_steps=4)
@@ -84,7 +84,7 @@ def test_quality_bench_smoke(tmp_path):
 
 
 def test_folder_from_toy_base_command_loads_as_a_model(tmp_path, toy_pipe):
-    """`sdft toy-base --output DIR` writes parts without model_index.json; --model DIR must still open it."""
+    """`python -m lab toy-base --output DIR` writes parts without model_index.json; --model DIR must still open it."""
     import shutil
 
     import torch
@@ -96,7 +96,7 @@ def test_folder_from_toy_base_command_loads_as_a_model(tmp_path, toy_pipe):
     shutil.copytree(shipped_toy_base(), folder, ignore=shutil.ignore_patterns("*.md", "pretrain-stage*.json"))
     with pytest.raises(UserError, match="model_index.json"):
         resolve_base(str(folder))  # parts alone could be any broken folder: refused with a clear message
-    (folder / "pretrain.json").write_text("{}")  # what marks a folder written by `sdft toy-base`
+    (folder / "pretrain.json").write_text("{}")  # what marks a folder written by `python -m lab toy-base`
     pipe = load_pipeline(str(folder))
     for name, value in toy_pipe.unet.state_dict().items():
         assert torch.equal(pipe.unet.state_dict()[name], value)
@@ -106,8 +106,8 @@ def test_folder_from_toy_base_command_loads_as_a_model(tmp_path, toy_pipe):
 def test_quality_bench_can_use_rendered_class_images(tmp_path):
     """--prior-images renders: prior preservation trains on captioned renders, none of them a drift probe."""
     from finetune import UserError
-    from finetune.toyworld.bench import class_prompt_set, run_quality_bench
-    from finetune.toyworld.settings import QualityBenchConfig
+    from lab.toyworld.bench import class_prompt_set, run_quality_bench
+    from lab.toyworld.settings import QualityBenchConfig
 
     cfg = QualityBenchConfig(output=str(tmp_path), methods=["lora"], priors=[True], seeds=[0], steps=1,
                              samples_per_background=1, class_prompts=4, samples_per_class_prompt=1, sample_steps=2,
@@ -124,7 +124,7 @@ def test_quality_bench_can_use_rendered_class_images(tmp_path):
 
 
 def test_decoder_stage_changes_only_the_decoder_and_repeats_exactly(tmp_path):
-    """`sdft toy-base --init-from BASE --decoder-steps N --unet-steps 0` sharpens the decoder alone: the encoder
+    """`python -m lab toy-base --init-from BASE --decoder-steps N --unet-steps 0` sharpens the decoder alone: the encoder
     (so the latent space every UNet and fine-tune relies on), text encoder and UNet stay bit-identical, and a
     rerun from the same seed writes the same weights."""
     import shutil
@@ -133,8 +133,8 @@ def test_decoder_stage_changes_only_the_decoder_and_repeats_exactly(tmp_path):
 
     from finetune import UserError
     from finetune.models import shipped_toy_base
-    from finetune.toyworld.pretrain import pretrain
-    from finetune.toyworld.settings import PretrainConfig
+    from lab.toyworld.pretrain import pretrain
+    from lab.toyworld.settings import PretrainConfig
 
     base = tmp_path / "base"
     shutil.copytree(shipped_toy_base(), base, ignore=shutil.ignore_patterns("*.md", "pretrain-stage*.json"))
@@ -164,7 +164,7 @@ def test_main_caption_rate_mixes_in_the_main_phrasing_without_changing_the_defau
     at 0 the captions are exactly those of the shipped recipe (same draws from the same generator)."""
     import random
 
-    from finetune.toyworld.world import CAPTION_TEMPLATES, Scene, caption
+    from lab.toyworld.world import CAPTION_TEMPLATES, Scene, caption
 
     scene = Scene("circle", "red", "pink", (10, 10, 40, 40))
     main = "a red circle on a pink background"
@@ -179,15 +179,15 @@ def test_main_caption_rate_mixes_in_the_main_phrasing_without_changing_the_defau
 
 
 def test_bf16_pretraining_repeats_exactly_and_really_runs_in_bf16(tmp_path):
-    """`sdft toy-base --precision bf16 --fused-optimizer` (the fast path on AMX CPUs) writes a loadable base, the
+    """`python -m lab toy-base --precision bf16 --fused-optimizer` (the fast path on AMX CPUs) writes a loadable base, the
     same weights again from the same seed, and different weights from fp32 (autocast really engaged); an unknown
     precision is refused before anything is written."""
     from safetensors.torch import load_file
 
     from finetune import UserError
     from finetune.models import build_toy_pipeline
-    from finetune.toyworld.pretrain import pretrain
-    from finetune.toyworld.settings import PretrainConfig
+    from lab.toyworld.pretrain import pretrain
+    from lab.toyworld.settings import PretrainConfig
 
     small = dict(images=48, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, unet_warmup=1)
     runs = {"bf16": PretrainConfig(**small, precision="bf16", fused_optimizer=True),
@@ -214,8 +214,8 @@ def test_bf16_pretraining_repeats_exactly_and_really_runs_in_bf16(tmp_path):
 def test_caption_curriculum_moves_from_the_main_phrasing_to_the_mix():
     """`--main-caption-start S --main-caption-rate R`: the main phrasing's share goes linearly from S at the first
     UNet step to R at the last; without a start, or with S = R, it is R throughout (the v3-v5 chain's stages)."""
-    from finetune.toyworld.pretrain import main_caption_share
-    from finetune.toyworld.settings import PretrainConfig
+    from lab.toyworld.pretrain import main_caption_share
+    from lab.toyworld.settings import PretrainConfig
 
     curriculum = PretrainConfig(unet_steps=101, main_caption_start=1.0, main_caption_rate=0.25)
     shares = [main_caption_share(curriculum, step) for step in range(101)]
@@ -227,10 +227,10 @@ def test_caption_curriculum_moves_from_the_main_phrasing_to_the_mix():
 
 
 def test_score_base_refuses_a_phrasing_the_checker_cannot_score():
-    """`sdft score-base --template` must name colour, shape and background: a clear error, no model loaded."""
+    """`python -m lab score-base --template` must name colour, shape and background: a clear error, no model loaded."""
     from finetune import UserError
-    from finetune.toyworld.bench import score_base
-    from finetune.toyworld.world import world_prompts
+    from lab.toyworld.bench import score_base
+    from lab.toyworld.world import world_prompts
 
     with pytest.raises(UserError, match="must name"):
         score_base("tiny", template="a photo of a {c} {s}")

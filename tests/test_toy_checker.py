@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from finetune.toyworld import checker, world
+from lab.toyworld import checker, world
 
 ALL_SHAPES = world.SHAPES + world.NOVEL_SHAPES
 SEEDS = (0, 1, 2)

@@ -1,4 +1,4 @@
-"""Readers and writers for the adapter file formats other tools use (see shared/formats.md)."""
+"""Readers and writers for the adapter file formats other tools use (diffusers, kohya/A1111/ComfyUI)."""
 
 import re
 

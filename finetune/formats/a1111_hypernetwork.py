@@ -1,7 +1,7 @@
 """The A1111 hypernetwork file (`.pt`, one dict: {dim: (K state, V state), structure keys...}) and sdft's
 safetensors twin (`{dim}.k.linear.0.weight` tensors, the structure keys as JSON strings in the metadata).
 
-See shared/formats.md, "Hypernetworks". `.pt` files are only ever read with weights_only=True.
+`.pt` files are only ever read with weights_only=True.
 """
 
 from __future__ import annotations

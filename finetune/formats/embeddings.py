@@ -1,4 +1,4 @@
-"""Textual-inversion embedding files (shared/formats.md, "Textual inversion embeddings").
+"""Textual-inversion embedding files: diffusers' learned_embeds and A1111's embedding layout.
 
 Three files carry the same [n_vectors, dim] tensor:
 - diffusers `learned_embeds.safetensors`: {token: float32 [n, dim]}, read by `load_textual_inversion`;

@@ -52,12 +52,21 @@ def save_checkpoint(accelerator, output: Path, step: int, trainer_state: dict, k
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # calls the strategy's save hook for the adapter weights
+    try:
+        accelerator.save_state(str(tmp))  # calls the strategy's save hook for the adapter weights
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}))
+            _fsync_dir(tmp)
+    except OSError as exc:
+        # A full disk (or a vanished folder): drop the half-written folder; the earlier checkpoints stay usable.
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(output)
+        raise UserError(f"could not write the checkpoint of step {step} in {root}: {exc.strerror or exc}; "
+                        + (f"the latest complete one is {kept[-1]}" if kept else "no earlier checkpoint exists")
+                        ) from exc
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}))
         if final.exists():
             shutil.rmtree(final)
-        _fsync_dir(tmp)
         os.replace(tmp, final)  # the rename is the commit point: resume only sees complete folders
         for old in list_checkpoints(output)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

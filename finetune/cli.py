@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
+import logging
 import os
 import sys
+from pathlib import Path
 
 from . import UserError, __version__
+from .interrupt import TrainingInterrupted
 from .config import METHOD_SECTIONS, RunConfig, coerce, field_flag, field_kind, load_recipe
 
 METHOD_HELP = {
@@ -23,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdft", description="Fine-tune Stable Diffusion: textual inversion, "
                                      "hypernetworks, LoRA and DreamBooth behind one trainer.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"sdft {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also SDFT_DEBUG=1), for bug reports")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for method in METHOD_SECTIONS:
         p = sub.add_parser(method.replace("_", "-"), help=METHOD_HELP.get(method, method), allow_abbrev=False)
@@ -116,13 +122,38 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def check_generate_args(args: argparse.Namespace) -> None:
+    """Everything about a generate call that can be wrong, checked before a model loads."""
+    if args.num_images < 1 or args.steps < 1:
+        raise UserError("--num-images and --steps must be >= 1")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise UserError(f"--resolution {args.resolution}: use a multiple of 8 (e.g. 512)")
+    output = Path(args.output)
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--output {output}: name an image file ({', '.join(IMAGE_SUFFIXES)})")
+    if output.is_dir() or not output.parent.resolve().is_dir():
+        raise UserError(f"--output {output}: its folder does not exist (or it is a folder itself)")
+    missing = [a for a in args.adapter if not Path(a).exists()]
+    if missing:
+        raise UserError(f"--adapter {missing[0]}: not found")
+
+
 def run_generate(args: argparse.Namespace) -> str:
     from .inference import generate, load_adapter
     from .models import load_pipeline
     from .plots import image_grid
+    from .tokenizer import words_past_the_window
 
+    check_generate_args(args)
     pipe = load_pipeline(args.model, single_file_config=args.model_config)
     pipe.set_progress_bar_config(disable=True)
+    lost = words_past_the_window(pipe.tokenizer, args.prompt)
+    if lost:
+        logging.getLogger("sdft").warning("the prompt is longer than the text encoder's %d tokens; these words "
+                                          "are cut: %s", pipe.tokenizer.model_max_length, lost)
     scales = args.adapter_scale + [1.0] * (len(args.adapter) - len(args.adapter_scale))
     for path, scale in zip(args.adapter, scales):
         load_adapter(pipe, path, scale)
@@ -133,6 +164,7 @@ def run_generate(args: argparse.Namespace) -> str:
 
 
 def run_extract_lora(args: argparse.Namespace) -> str:
+    from .formats.file_modes import apply_umask
     from .formats.lora_extract import extract_from_pipelines
     from .models import load_pipeline, resolve_base
 
@@ -141,13 +173,29 @@ def run_extract_lora(args: argparse.Namespace) -> str:
     base = load_pipeline(args.base)
     tuned = load_pipeline(args.tuned, single_file_config=resolve_base(args.base))
     path, stats = extract_from_pipelines(base, tuned, args.output, args.rank, args.conv_rank)
+    apply_umask([path])
     print(stats.summary())
     return str(path)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error sdft did not foresee as a UserError: what failed and on which file."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {exc.filename or 'a file'}; free some space and rerun"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename or exc}"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:300]} (unexpected: rerun with --debug and report the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    # Wherever it stands on the command line: `--debug` lets errors raise with their traceback.
+    debug = "--debug" in argv or os.environ.get("SDFT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
         args = _check_unknown(parser, argv)
         if not args.command:
@@ -176,11 +224,21 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(0)
         return 0
     except UserError as exc:
-        print(f"sdft: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"sdft: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sdft: interrupted; resume with --resume latest", file=sys.stderr)
+    except TrainingInterrupted as exc:
+        print(f"sdft: {exc}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print("sdft: interrupted at once: no checkpoint of the current step was saved", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if debug:
+            raise
+        print(f"sdft: error: {describe_error(exc)}", file=sys.stderr)
+        return 1
 
 
 def _print_summary(summary: dict) -> None:

@@ -123,9 +123,12 @@ class PriorConfig:
 @dataclass
 class OutputConfig:
     output: str = opt("sdft-output", "run folder")
-    checkpoint_every: int = opt(0, "save a resumable checkpoint every N steps (0 = only at the end)")
+    checkpoint_every: int = opt(0, "save a resumable checkpoint every N steps (0 = none; Ctrl-C still saves one)")
     keep_checkpoints: int = opt(2, "keep the last K checkpoints")
-    resume: str | None = opt(None, "resume from 'latest' or a checkpoint folder")
+    resume: str | None = opt(None, "resume from 'latest' or a checkpoint folder (refused when the checkpoint's run "
+                             "trained other settings)")
+    overwrite: bool = opt(False, "clear an older run in the output folder first (without it, a folder that holds a "
+                          "run is refused)")
     formats: list[str] = opt([], "export formats (default: all of the method's formats)")
     sample_every: int = opt(0, "write a sample grid every N steps (0 = only at the end)")
     sample_prompts: list[str] = opt([], "prompts for sample grids ({token} and {class} are filled in; default: "
@@ -272,6 +275,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
         """Build from recipe data: {method, section: {key: value}}; unknown keys are errors."""
+        if data is not None and not isinstance(data, dict):
+            raise UserError(f"a recipe is a mapping of sections (method: lora, train: {{steps: ...}}), not a "
+                            f"{type(data).__name__}")
         data = dict(data or {})
         method = data.pop("method", None)
         if not method:
@@ -304,6 +310,22 @@ class RunConfig:
                 raise UserError(f"{name} must be between 0 and 1, got {share}")
         if self.train.lr <= 0:
             raise UserError("train.lr must be > 0")
+        if self.data.resolution is not None and (self.data.resolution < 8 or self.data.resolution % 8):
+            raise UserError(f"data.resolution={self.data.resolution}: use a multiple of 8 (e.g. 512; the VAE "
+                            "works on 8x8 blocks)")
+        if self.output.sample_steps < 1 or self.output.guidance < 0 or any(s < 0 for s in self.output.sample_seeds):
+            raise UserError("output.sample_steps must be >= 1, output.guidance >= 0 and sample seeds >= 0")
+        if self.output.checkpoint_every < 0 or self.output.keep_checkpoints < 1 or self.output.sample_every < 0:
+            raise UserError("output.checkpoint_every and output.sample_every must be >= 0, "
+                            "output.keep_checkpoints >= 1")
+        if self.method == "lora":
+            lora = self.lora
+            if lora.rank < 1 or (lora.text_encoder_rank is not None and lora.text_encoder_rank < 1):
+                raise UserError(f"lora.rank must be >= 1, got {lora.rank}")
+            if any(a is not None and a <= 0 for a in (lora.alpha, lora.text_encoder_alpha)):
+                raise UserError("lora.alpha and lora.text_encoder_alpha must be > 0 (or unset: the rank)")
+            if not 0.0 <= lora.dropout < 1.0:
+                raise UserError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
         if self.data.buckets and (self.data.bucket_step < 8 or self.data.bucket_step % 8):
             raise UserError("data.bucket_step must be a multiple of 8 (the VAE's downsampling), e.g. 64")
         if "pivotal" in self.sections() and self.pivotal.steps:
@@ -335,11 +357,46 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return config
 
 
+def saved_config_dict(config: RunConfig) -> dict:
+    """The config as a run folder keeps it: re-running it never clears a folder by itself (overwrite off)."""
+    data = config.to_dict()
+    data["output"]["overwrite"] = False
+    return data
+
+
+# Settings that hold local paths: files users share carry only their last name (no home folders, no user names).
+PATH_KEYS = ("model.name", "model.single_file_config", "data.images", "data.latent_cache_dir", "prior.class_images",
+             "output.output", "output.resume")
+
+
+def shareable_name(value: str | None) -> str | None:
+    """A hub id (org/name) or 'tiny' as given; a local path as its last component (the folder or file name)."""
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    if path.exists() or path.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1 or "\\" in value:
+        return path.name or value
+    return value
+
+
+def shareable_config_yaml(config: RunConfig, image_count: int) -> str:
+    """The resolved config for export metadata: local paths cut to their names, the images as a count."""
+    import yaml
+
+    data = saved_config_dict(config)
+    for dotted in PATH_KEYS:
+        section, _, key = dotted.partition(".")
+        if section in data and data[section].get(key):
+            data[section][key] = shareable_name(str(data[section][key]))
+    data["data"]["images"] = f"{data['data']['images']} ({image_count} images)"
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML that `sdft train` can re-run."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(saved_config_dict(config), sort_keys=False))
 
 
 def field_flag(f: dataclasses.Field) -> str:
@@ -385,6 +442,8 @@ def _scalar(value: Any, kind: type) -> Any:
         if text in ("0", "false", "no", "off"):
             return False
         raise ValueError(value)
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError(value)  # YAML's `steps: true` is not a number
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
     if kind is str:

@@ -51,11 +51,12 @@ def open_rgb(path, keep_alpha: bool = False):
             rgb.putalpha(rgba.getchannel("A"))
         return rgb
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bits before converting, else everything clips to white.
+        # 16-bit greyscale (PIL opens 16-bit PNGs as I;16 or I): scale by the bit depth, never by the image's
+        # own maximum, so a dark image stays dark; a plain convert would clip everything to white.
         import numpy as np
 
         arr = np.asarray(img, dtype=np.float64)
-        arr = (arr / max(arr.max(), 1) * 255).astype("uint8")
+        arr = np.clip(np.round(arr / 65535.0 * 255.0), 0, 255).astype("uint8")
         img = Image.fromarray(arr, "L")
     return img.convert("RGBA") if keep_alpha else img.convert("RGB")
 
@@ -92,6 +93,18 @@ def warn_small_images(examples: list[Example], resolution: int) -> None:
                     ", ".join(small[:5]) + (" ..." if len(small) > 5 else ""))
 
 
+def warn_long_captions(examples: list[Example], tokenizer) -> None:
+    """Name each caption the text encoder's window cuts, with the words it loses (a late trigger word dies)."""
+    from .tokenizer import words_past_the_window
+
+    cut = [(e.path.name, lost) for e in examples if (lost := words_past_the_window(tokenizer, e.caption))]
+    for name, lost in cut[:5]:
+        log.warning("caption of %s is longer than the text encoder's %d tokens; these words are not trained: %s",
+                    name, tokenizer.model_max_length, lost)
+    if len(cut) > 5:
+        log.warning("... and %d more captions are cut the same way", len(cut) - 5)
+
+
 def load_examples(folder: str | None, prompt_template: str, token: str, class_word: str,
                   flag: str = "--images", keep_alpha: bool = False) -> list[Example]:
     """Read every image in `folder` (an image folder or a `datasets` save_to_disk folder) with its caption;
@@ -103,17 +116,23 @@ def load_examples(folder: str | None, prompt_template: str, token: str, class_wo
         raise UserError(f"{flag} {folder}: no such folder")
     if is_saved_dataset(root):
         return load_dataset_examples(root, prompt_template, token, class_word, flag, keep_alpha)
-    candidates = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                        and not p.name.lower().endswith(MASK_SUFFIX))
+    try:
+        named = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                       and not p.name.lower().endswith(MASK_SUFFIX))
+    except OSError as exc:
+        raise UserError(f"{flag} {folder}: cannot list the folder ({exc.strerror or exc})") from exc
+    skipped = [f"{p.name} (a broken link or a link loop)" for p in named if not p.is_file()]
+    candidates = [p for p in named if p.is_file()]
     if not candidates:
-        raise UserError(f"{flag} {folder}: no images found (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UserError(f"{flag} {folder}: no images found (expected {', '.join(sorted(IMAGE_SUFFIXES))})"
+                        + (f"; skipped {', '.join(skipped)}" if skipped else ""))
     listed = read_metadata_jsonl(root)
     examples = []
     for path in candidates:
         try:
             image = open_rgb(path, keep_alpha)
         except Exception as exc:  # PIL raises many types for broken files
-            log.warning("skipping unreadable image %s (%s)", path, exc)
+            skipped.append(f"{path.name} ({' '.join(str(exc).split()) or type(exc).__name__})")
             continue
         if keep_alpha:  # outside the try: a broken mask is an error to fix, not an image to skip silently
             image = apply_mask_file(image, path)
@@ -123,7 +142,11 @@ def load_examples(folder: str | None, prompt_template: str, token: str, class_wo
         examples.append(Example(path, image, caption or format_prompt(prompt_template, token, class_word),
                                 from_caption_file=caption is not None))
     if not examples:
-        raise UserError(f"{flag} {folder}: none of the {len(candidates)} image files could be read")
+        raise UserError(f"{flag} {folder}: none of the {len(named)} image files could be read: "
+                        + ", ".join(skipped[:5]))
+    if skipped:
+        log.warning("%s %s: skipped %d of %d image files: %s", flag, folder, len(skipped), len(named),
+                    ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     return examples
 
 
@@ -181,7 +204,7 @@ def read_metadata_jsonl(folder: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     captions = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -192,12 +215,23 @@ def read_metadata_jsonl(folder: Path) -> dict[str, str]:
     return captions
 
 
+def read_text_file(path: Path) -> str:
+    """A caption or metadata file as text: UTF-8, a leading byte-order mark dropped (editors on Windows write
+    one); anything else is a UserError naming the file and the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8") from exc
+
+
 def read_caption_file(image_path: Path, token: str, class_word: str) -> str | None:
     """The caption file beside the image (`.txt` or `.caption`, {token}/{class} filled), if any."""
     for suffix in CAPTION_SUFFIXES:
         caption_file = image_path.with_suffix(suffix)
         if caption_file.is_file():
-            text = caption_file.read_text(encoding="utf-8").strip()
+            text = read_text_file(caption_file).strip()
             if text:
                 return format_prompt(text, token, class_word)
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from . import UserError
@@ -26,6 +27,8 @@ def detect_adapter_kind(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise UserError(f"--adapter {path}: file not found")
+    if path.suffix == ".safetensors":
+        check_safetensors_file(path, "--adapter")
     for name, (can_load, _) in adapter_loaders().items():
         if can_load(path):
             return name
@@ -38,7 +41,36 @@ def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> str:
     from .strategies.base import adapter_loaders
 
     _, load_into = adapter_loaders()[detect_adapter_kind(path)]
-    return load_into(pipe, str(path), scale)
+    try:
+        return load_into(pipe, str(path), scale)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"--adapter {path} does not fit this base: {shape_mismatch(str(exc))}") from exc
+
+
+def check_safetensors_file(path: Path, flag: str) -> None:
+    """A UserError naming the file when its safetensors header cannot be read (damaged or cut short)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise UserError(f"{flag} {path}: not a readable .safetensors file ({' '.join(str(exc).split())[:120]}); "
+                        "is it damaged or only partly downloaded?") from exc
+
+
+SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+                           r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def shape_mismatch(message: str) -> str:
+    """A loader's size-mismatch report as one clause: which tensor, the file's shape, the base's shape."""
+    found = SIZE_MISMATCH.search(message)
+    if found:
+        name, theirs, ours = found.groups()
+        return (f"it holds {name} with shape {theirs} where this base has {ours} (it was trained on a base "
+                "of another size, e.g. SD 1.5 against SDXL or the toy base)")
+    return " ".join(message.split())[:200]
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int = 25, guidance: float = 5.0,

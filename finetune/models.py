@@ -33,6 +33,11 @@ class Components:
     def vae_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell along a side (8 for Stable Diffusion's VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
 
 def cache_root() -> Path:
     """Where sdft keeps generated files that outlive a run (built-in bases, class images)."""
@@ -140,15 +145,39 @@ def resolve_base(name: str) -> str:
         if not (path / "model_index.json").exists():
             raise UserError(f"--model {name}: folder has no model_index.json; pass a diffusers pipeline folder "
                             "(saved with save_pretrained), a .safetensors checkpoint, a hub id, or 'tiny'")
+        check_pipeline_folder(path, name)
         return str(path)
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise UserError(f"--model {name}: file not found")
+        if path.suffix == ".safetensors":
+            from .inference import check_safetensors_file
+
+            check_safetensors_file(path, "--model")
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UserError(f"--model {name}: not found; pass a hub id (org/name), a local diffusers folder, "
                         "a .safetensors checkpoint, or 'tiny' (the built-in offline base)")
     return name  # a hub id
+
+
+# Parts a Stable Diffusion pipeline cannot run without (model_index.json may list optional ones as null).
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_folder(path: Path, name: str) -> None:
+    """A UserError naming the parts a diffusers folder lacks (a partial copy or download)."""
+    import json
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {name}: model_index.json cannot be read ({exc})") from exc
+    missing = [part for part in REQUIRED_PARTS
+               if isinstance(index.get(part), list) and index[part][0] is not None and not (path / part).is_dir()]
+    if missing:
+        raise UserError(f"--model {name}: the folder lacks {', '.join(p + '/' for p in missing)}, which its "
+                        "model_index.json names; copy the whole pipeline folder")
 
 
 def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = None):
@@ -175,7 +204,7 @@ def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = 
         if "/" in source and not Path(source).exists():
             raise UserError(f"--model {name}: could not load it from the hub ({type(exc).__name__}); "
                             "without network pass a local diffusers folder or 'tiny'") from exc
-        raise
+        raise UserError(f"--model {name}: could not be loaded ({' '.join(str(exc).split())[:200]})") from exc
 
 
 def components_from_pipeline(pipe, source: str) -> Components:

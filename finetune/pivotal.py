@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import UserError
-from .config import RunConfig
+from .config import RunConfig, saved_config_dict
 from .formats import embeddings
 from .strategies.textual_inversion import add_placeholder_tokens, expand_placeholder, placeholder_names
 
@@ -54,7 +54,7 @@ class LearnedWord:
         """Write the word as it stands in `components` now: diffusers and A1111/kohya safetensors files."""
         ids = components.tokenizer.convert_tokens_to_ids(self.names)
         vectors = components.text_encoder.get_input_embeddings().weight.detach()[ids].float().cpu()
-        meta = {**metadata, "vectors": str(len(self.names)), "base_model": str(components.source)}
+        meta = {**metadata, "vectors": str(len(self.names))}
         diffusers_file = embeddings.save_diffusers(out_dir / embeddings.DIFFUSERS_FILE, self.token, vectors, meta)
         a1111_file = embeddings.save_a1111_safetensors(out_dir / f"{embeddings.file_stem(self.token)}.safetensors",
                                                        self.token, vectors, meta)
@@ -85,6 +85,7 @@ def phase_config(config: RunConfig) -> RunConfig:
     phase.output.output = str(Path(config.output.output) / PHASE_FOLDER)
     phase.output.formats = ["diffusers"]
     phase.output.resume = None
+    phase.output.overwrite = True  # the folder belongs to this run: an unfinished or outdated phase 1 starts over
     phase.output.sample_every = 0
     return phase
 
@@ -98,7 +99,7 @@ def _finished_phase(phase: RunConfig) -> torch.Tensor | None:
     learned = folder / embeddings.DIFFUSERS_FILE
     if not (done.is_file() and saved.is_file() and learned.is_file()):
         return None
-    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(phase.to_dict(), sort_keys=False)):
+    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(saved_config_dict(phase), sort_keys=False)):
         return None
     found = embeddings.read_embeddings(learned)
     return found.get(phase.data.token)

@@ -55,3 +55,10 @@ def build_clip_tokenizer(max_length: int = 77):
         unk_token=EOS,
         pad_token=EOS,
     )
+
+
+def words_past_the_window(tokenizer, text: str) -> str:
+    """The end of `text` that a CLIP window (77 tokens with start and end) cuts off, as words; '' if it fits."""
+    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    limit = tokenizer.model_max_length - 2
+    return tokenizer.decode(ids[limit:]).strip() if len(ids) > limit else ""

@@ -12,13 +12,16 @@ import torch
 
 from . import UserError, pivotal
 from .batching import CaptionOptions, InstanceBatches
-from .checkpoint import ADAPTER_FILE, load_trainer_state, resolve_resume, save_checkpoint
-from .config import RunConfig, save_config
-from .data import format_prompt, load_examples, warn_small_images
+from .checkpoint import ADAPTER_FILE, load_trainer_state, save_checkpoint
+from .config import RunConfig, save_config, shareable_config_yaml, shareable_name
+from .data import format_prompt, load_examples, warn_long_captions, warn_small_images
 from .ema import TrainedWeightsEMA
+from .formats.file_modes import apply_umask
+from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .losses import min_snr_weights, per_sample_loss, prediction_target
 from .models import Components, load_components, resolve_base
 from .prior import ensure_class_images
+from .run_folder import check_output_folder, claim_output_folder
 from .strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ def train(config: RunConfig) -> dict:
 
 def run_training(config: RunConfig, components: Components | None = None) -> TrainOutcome:
     """Like train(), on already loaded components if given (tests and benchmarks reuse one base)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
@@ -50,9 +53,13 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
 
     config.validate()
     started = time.time()
+    # Only reads: a folder holding another run, or a resume that does not fit, fails before anything is written.
+    resume_from = check_output_folder(config)
     word = None
     if pivotal.enabled(config):
-        # Phase 1 is a whole run of its own (own accelerator state): it must finish before this run's starts.
+        # Phase 1 is a whole run of its own (own accelerator state) inside this run's folder: it must finish
+        # before this run's starts, so the folder is claimed (an older run cleared with --overwrite) first.
+        claim_output_folder(config, PartialState().is_main_process)
         word = pivotal.learn_word(config, components)
     # accelerate keeps its state in a process-wide singleton; a second run in the same process (library use,
     # tests) with another mixed-precision setting must start from a clean one. The process group is kept.
@@ -64,7 +71,6 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     refuse_sharded_backends(accelerator.distributed_type)
-    resume_from = resolve_resume(out, config.output.resume)
     resolve_base(config.model.name)  # a bad --model fails here, before any work
 
     # Check the user's input before the slow model load, so mistakes fail in a second.
@@ -75,11 +81,12 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     if word is not None:
         word.install(components)
     resolution = config.data.resolution or components.resolution
+    if resolution % components.vae_factor:
+        raise UserError(f"data.resolution={resolution}: use a multiple of {components.vae_factor}, this base's VAE "
+                        "factor")
     warn_small_images(examples, resolution)
+    warn_long_captions(examples, components.tokenizer)
     prediction_type = config.model.prediction_type or components.noise_scheduler.config.prediction_type
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
 
     # Frozen weights may live in half precision; trained ones stay float32 (set after prepare()).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -98,7 +105,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                                         cache_latents=config.data.cache_latents, device=accelerator.device,
                                         dtype=weight_dtype, sample_posterior=sample_posterior)
     strategy = build_strategy(config)
-    formats = config.output.formats or list(strategy.formats)
+    formats = config.output.formats or list(strategy.default_formats)
     unknown = [f for f in formats if f not in strategy.formats]
     if unknown:  # checked before training, so a typo never costs a run
         raise UserError(f"output.formats: {', '.join(unknown)} not written by {config.method} "
@@ -161,8 +168,13 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         state = load_trainer_state(resume_from)
         start_step, history = int(state["step"]), state.get("history", history)
         log.info("resumed from %s at step %d", resume_from, start_step)
+    if not pivotal.enabled(config):  # (a pivotal run claimed its folder before phase 1 wrote into it)
+        # Everything is loaded and checked: the run's first write into its folder.
+        claim_output_folder(config, accelerator.is_main_process)
     if accelerator.is_main_process:
+        save_config(config, out / "config.yaml")
         accelerator.init_trackers("sdft", config=_flat_hparams(config))
+    accelerator.wait_for_everyone()
 
     def encode_text(captions: list[str]) -> torch.Tensor:
         prompts = [strategy.expand_prompt(word.expand(c) if word else c) for c in captions]
@@ -213,80 +225,91 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     progress = tqdm(total=tcfg.steps, initial=start_step, desc=f"sdft {config.method}",
                     disable=not accelerator.is_local_main_process)
     step_times: list[float] = []
-    for step in range(start_step, tcfg.steps):
-        step_start = time.perf_counter()
-        step_loss, step_parts = 0.0, {"instance": 0.0, "prior": 0.0}
-        for micro in range(tcfg.grad_accum):
-            micro_step = step * tcfg.grad_accum + micro
-            torch.manual_seed(tcfg.seed * 1_000_003 + micro_step)  # dropout inside adapters
-            specs = batches.specs(tcfg.seed, micro_step, tcfg.batch_size, accelerator.process_index,
-                                  accelerator.num_processes)
-            captions = batches.captions(specs, strategy.prompt_templates(), config.data.token,
-                                        config.data.class_word, caption_options)
-            latents, masks = batches.latents_and_masks(specs)
-            if class_batches is not None:
-                class_specs = class_batches.specs(tcfg.seed + CLASS_SEED_OFFSET, micro_step,
-                                                  config.prior.batch_size or tcfg.batch_size,
-                                                  accelerator.process_index, accelerator.num_processes)
-                specs = specs + class_specs
-                captions = captions + class_batches.captions(class_specs, options=class_caption_options)
-                class_latents, class_masks = class_batches.latents_and_masks(class_specs)
-                if class_latents.shape[1:] == latents.shape[1:]:
-                    latents, masks = torch.cat([latents, class_latents]), torch.cat([masks, class_masks])
-                else:  # --buckets: a non-square instance bucket next to square class images
-                    latents, masks = [latents, class_latents], [masks, class_masks]
-            # One UNet call per latent size (usually one); per-sample losses come back in `specs` order.
-            latent_parts = latents if isinstance(latents, list) else [latents]
-            mask_parts = masks if isinstance(masks, list) else [masks]
-            with accelerator.accumulate(*wrapped):
-                losses, first = [], 0
-                for part_latents, part_masks in zip(latent_parts, mask_parts):
-                    part_specs = specs[first:first + len(part_latents)]
-                    part_captions = captions[first:first + len(part_latents)]
-                    first += len(part_latents)
-                    losses.append(_sample_losses(part_latents.to(accelerator.device), part_masks, part_specs,
-                                                 part_captions))
-                losses = torch.cat(losses)
-                instance_loss = losses[: tcfg.batch_size].mean()
-                loss = instance_loss
+    # Ctrl-C stops after the current step with a checkpoint of it (a second Ctrl-C stops at once).
+    with StopOnInterrupt() as interrupt, progress:  # the bar closes (its line ends) on any way out
+        for step in range(start_step, tcfg.steps):
+            step_start = time.perf_counter()
+            step_loss, step_parts = 0.0, {"instance": 0.0, "prior": 0.0}
+            for micro in range(tcfg.grad_accum):
+                micro_step = step * tcfg.grad_accum + micro
+                torch.manual_seed(tcfg.seed * 1_000_003 + micro_step)  # dropout inside adapters
+                specs = batches.specs(tcfg.seed, micro_step, tcfg.batch_size, accelerator.process_index,
+                                      accelerator.num_processes)
+                captions = batches.captions(specs, strategy.prompt_templates(), config.data.token,
+                                            config.data.class_word, caption_options)
+                latents, masks = batches.latents_and_masks(specs)
                 if class_batches is not None:
-                    prior_loss = losses[tcfg.batch_size:].mean()
-                    loss = instance_loss + config.prior.weight * prior_loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    for param in unsynced:
-                        grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                        param.grad = accelerator.reduce(grad, "mean")
-                if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                tcfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None and accelerator.sync_gradients:
-                    ema.step()
-            step_loss += accelerator.reduce(loss.detach(), "mean").item() / tcfg.grad_accum
-            step_parts["instance"] += accelerator.reduce(instance_loss.detach(), "mean").item() / tcfg.grad_accum
-            if class_batches is not None:
-                step_parts["prior"] += accelerator.reduce(prior_loss.detach(), "mean").item() / tcfg.grad_accum
-        strategy.after_optimizer_step()
-        step_times.append(time.perf_counter() - step_start)
-        done = step + 1
-        history["steps"].append(done)
-        history["losses"].append(step_loss)
-        lr = lr_scheduler.get_last_lr()[0]
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        if done % max(1, config.output.log_every) == 0:
-            logged = {"loss": step_loss, "lr": lr, "loss_instance": step_parts["instance"]}
-            if class_batches is not None:
-                logged["loss_prior"] = step_parts["prior"]
-            accelerator.log(logged, step=done)
-        if config.output.checkpoint_every and done % config.output.checkpoint_every == 0:
-            save_checkpoint(accelerator, out, done, {"history": history}, config.output.keep_checkpoints)
-        if config.output.sample_every and done % config.output.sample_every == 0 and done < tcfg.steps:
-            _write_samples(accelerator, config, components, strategy, text_encoder, unet, out, done, resolution)
-    progress.close()
+                    class_specs = class_batches.specs(tcfg.seed + CLASS_SEED_OFFSET, micro_step,
+                                                      config.prior.batch_size or tcfg.batch_size,
+                                                      accelerator.process_index, accelerator.num_processes)
+                    specs = specs + class_specs
+                    captions = captions + class_batches.captions(class_specs, options=class_caption_options)
+                    class_latents, class_masks = class_batches.latents_and_masks(class_specs)
+                    if class_latents.shape[1:] == latents.shape[1:]:
+                        latents, masks = torch.cat([latents, class_latents]), torch.cat([masks, class_masks])
+                    else:  # --buckets: a non-square instance bucket next to square class images
+                        latents, masks = [latents, class_latents], [masks, class_masks]
+                # One UNet call per latent size (usually one); per-sample losses come back in `specs` order.
+                latent_parts = latents if isinstance(latents, list) else [latents]
+                mask_parts = masks if isinstance(masks, list) else [masks]
+                with accelerator.accumulate(*wrapped):
+                    losses, first = [], 0
+                    for part_latents, part_masks in zip(latent_parts, mask_parts):
+                        part_specs = specs[first:first + len(part_latents)]
+                        part_captions = captions[first:first + len(part_latents)]
+                        first += len(part_latents)
+                        losses.append(_sample_losses(part_latents.to(accelerator.device), part_masks, part_specs,
+                                                     part_captions))
+                    losses = torch.cat(losses)
+                    instance_loss = losses[: tcfg.batch_size].mean()
+                    loss = instance_loss
+                    if class_batches is not None:
+                        prior_loss = losses[tcfg.batch_size:].mean()
+                        loss = instance_loss + config.prior.weight * prior_loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        for param in unsynced:
+                            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                            param.grad = accelerator.reduce(grad, "mean")
+                    if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                    tcfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None and accelerator.sync_gradients:
+                        ema.step()
+                step_loss += accelerator.reduce(loss.detach(), "mean").item() / tcfg.grad_accum
+                step_parts["instance"] += accelerator.reduce(instance_loss.detach(), "mean").item() / tcfg.grad_accum
+                if class_batches is not None:
+                    step_parts["prior"] += accelerator.reduce(prior_loss.detach(), "mean").item() / tcfg.grad_accum
+            strategy.after_optimizer_step()
+            step_times.append(time.perf_counter() - step_start)
+            done = step + 1
+            history["steps"].append(done)
+            history["losses"].append(step_loss)
+            lr = lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if done % max(1, config.output.log_every) == 0:
+                logged = {"loss": step_loss, "lr": lr, "loss_instance": step_parts["instance"]}
+                if class_batches is not None:
+                    logged["loss_prior"] = step_parts["prior"]
+                accelerator.log(logged, step=done)
+            def checkpoint() -> Path:
+                return save_checkpoint(accelerator, out, done, {"history": history, "config": config.to_dict()},
+                                       config.output.keep_checkpoints)
+
+            saved = None
+            if config.output.checkpoint_every and done % config.output.checkpoint_every == 0:
+                saved = checkpoint()
+            if _stop_requested(accelerator, interrupt):
+                saved = saved or checkpoint()
+                accelerator.end_training()
+                raise TrainingInterrupted(f"interrupted at step {done} of {tcfg.steps}; checkpoint saved in "
+                                          f"{saved}; continue with --resume latest")
+            if config.output.sample_every and done % config.output.sample_every == 0 and done < tcfg.steps:
+                _write_samples(accelerator, config, components, strategy, text_encoder, unet, out, done, resolution)
 
     summary = {}
     if ema is not None:
@@ -294,13 +317,19 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     if accelerator.is_main_process:
         from .plots import loss_plot
 
-        samples = _write_samples(accelerator, config, components, strategy, text_encoder, unet, out,
-                                 tcfg.steps, resolution)
-        loss_plot(history["steps"], history["losses"], out / "loss.png", f"sdft {config.method} loss")
-        exports = strategy.export(out, formats, {
-            "config": (out / "config.yaml").read_text(), "resolution": str(resolution), "steps": str(tcfg.steps)})
+        # Exports first: nothing that can still fail at the end of a run (a sample grid) may cost them.
+        exports = strategy.export(out, formats, export_metadata(config, resolution, len(examples)))
         if word is not None:
-            exports["embedding"] = word.export(components, out, {"steps": str(tcfg.steps)})
+            exports["embedding"] = word.export(components, out, {"steps": str(tcfg.steps),
+                                                                 "base_model": shareable_name(config.model.name)})
+        apply_umask(path for paths in exports.values() for path in paths)
+        loss_plot(history["steps"], history["losses"], out / "loss.png", f"sdft {config.method} loss")
+        try:
+            samples = _write_samples(accelerator, config, components, strategy, text_encoder, unet, out,
+                                     tcfg.steps, resolution)
+        except Exception as exc:  # noqa: BLE001 - any failure of the final grid; the exports above are written
+            log.warning("the final sample grid failed (%s: %s); the exports are written", type(exc).__name__, exc)
+            samples = None
         losses = history["losses"]
         summary = {
             "method": config.method,
@@ -329,6 +358,20 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainOutcome(summary, strategy, components)
+
+
+def export_metadata(config: RunConfig, resolution: int, image_count: int) -> dict[str, str]:
+    """What every export carries about its run, free of local paths (files users share)."""
+    return {"config": shareable_config_yaml(config, image_count), "resolution": str(resolution),
+            "steps": str(config.train.steps), "base_model": shareable_name(config.model.name)}
+
+
+def _stop_requested(accelerator, interrupt: StopOnInterrupt) -> bool:
+    """Whether any process saw Ctrl-C: all of them stop after the same step, so they checkpoint together."""
+    if accelerator.num_processes == 1:
+        return interrupt.requested
+    flag = torch.tensor([1.0 if interrupt.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() > 0)
 
 
 def refuse_sharded_backends(distributed_type) -> None:

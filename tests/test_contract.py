@@ -27,7 +27,10 @@ def test_strategy_contract(method, tmp_path, tiny_components):
     from finetune.models import load_components, load_pipeline
     from finetune.trainer import run_training
 
-    config = make_config(method, tmp_path / "run", **{"train.lr": CONTRACT_LR.get(method, 1e-3)})
+    # Every format the method can write, not only its defaults: each one must reload.
+    formats = ",".join(build_strategy(make_config(method, tmp_path)).formats)
+    config = make_config(method, tmp_path / "run", **{"train.lr": CONTRACT_LR.get(method, 1e-3),
+                                                       "output.formats": formats})
     before = {id(p): (name, p.detach().clone()) for name, p in _all_params(tiny_components)}
     base_pipe = load_pipeline("tiny")
 

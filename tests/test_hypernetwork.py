@@ -289,7 +289,8 @@ def trained(tmp_path_factory):
     config = make_config("hypernetwork", out, **{
         "train.lr": 1e-3, "train.steps": 3, "hypernetwork.layer_structure": "1,2,2,1",
         "hypernetwork.activation": "relu", "hypernetwork.layer_norm": True,
-        "hypernetwork.dropout": "0,0.1,0.1,0", "hypernetwork.last_layer_dropout": True})
+        "hypernetwork.dropout": "0,0.1,0.1,0", "hypernetwork.last_layer_dropout": True,
+        "output.formats": "a1111,safetensors"})
     components = load_components("tiny")
     before = {f"{part}.{n}": p.detach().clone() for part in ("text_encoder", "vae", "unet")
               for n, p in getattr(components, part).named_parameters()}

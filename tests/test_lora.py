@@ -90,8 +90,12 @@ def test_kohya_file_layout(tmp_path, tiny_components):
                                                "lora.rank": 4, "lora.alpha": 2.0, "data.token": "my dog"})
     strategy = build_strategy(config)
     strategy.prepare(tiny_components)
-    path = strategy.export(tmp_path, ["kohya"], {"resolution": "64", "steps": "7"})["kohya"][0]
+    written = strategy.export(tmp_path, ["kohya", "diffusers"], {"resolution": "64", "steps": "7"})
+    path = written["kohya"][0]
     assert path.endswith("my_dog_lora.safetensors")
+    with safe_open(written["diffusers"][0], framework="pt") as fh:  # diffusers' own layout keeps `text_model.`
+        te_keys = [k for k in fh.keys() if k.startswith("text_encoder.")]
+        assert te_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te_keys)
     with safe_open(path, framework="pt") as fh:
         keys, meta = set(fh.keys()), fh.metadata()
         stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"

@@ -114,13 +114,14 @@ def test_resume_reuses_the_finished_word(tmp_path, tiny_components):
 
     from finetune.trainer import run_training
 
-    config = _pivotal_config("lora", tmp_path)
+    config = _pivotal_config("lora", tmp_path, **{"output.checkpoint_every": 2})
     run_training(config, copy.deepcopy(tiny_components))
     phase_summary = tmp_path / "pivotal" / "summary.json"
     first = phase_summary.stat().st_mtime_ns
     word = embeddings.read_embeddings(tmp_path / embeddings.DIFFUSERS_FILE)["<sks>"]
 
-    again = _pivotal_config("lora", tmp_path, **{"train.steps": 4, "output.resume": "latest"})
+    again = _pivotal_config("lora", tmp_path, **{"train.steps": 4, "output.resume": "latest",
+                                                 "output.checkpoint_every": 2})
     outcome = run_training(again, tiny_components)
     assert phase_summary.stat().st_mtime_ns == first, "phase 1 ran again"
     assert outcome.summary["steps"] == 4

@@ -17,3 +17,9 @@ def file_stem(token: str, fallback: str | None = None) -> str:
     if fallback is None:
         raise ValueError(f"token {token!r} has no characters usable in a file name")
     return fallback
+
+
+def clip_module_path(name: str) -> str:
+    """A CLIP text-encoder module path without the `text_model.` level: transformers 4 has that level,
+    transformers 5 has not, and every exporter writes the same keys under both."""
+    return name.removeprefix("text_model.")

@@ -15,6 +15,7 @@ import torch
 
 from .. import UserError
 from ..hypernet import Hypernetwork, HypernetworkStructure
+from .torch_pickle import save_legacy_pt
 
 # Every key A1111 writes beside the weights; all are always written (a reader falls back to defaults
 # for a missing one, e.g. activate_output=True, and would build a different network).
@@ -120,7 +121,7 @@ def write_pt(path: str | Path, hn: Hypernetwork, info: dict, strength: float | N
              config: str | None = None) -> Path:
     """Write the A1111 `.pt` (plain tensors, str, numbers, None: loadable with weights_only=True)."""
     path = Path(path)
-    torch.save(a1111_dict(hn, info, strength, config), path)
+    save_legacy_pt(a1111_dict(hn, info, strength, config), path)
     return path
 
 

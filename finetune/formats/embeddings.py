@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import file_stem  # noqa: F401 - re-exported: strategies call embeddings.file_stem
+from .torch_pickle import save_legacy_pt
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 EMB_PARAMS_KEY = "emb_params"
@@ -80,7 +81,7 @@ def save_a1111_pt(path: str | Path, token: str, vectors: torch.Tensor, step: int
         "sd_checkpoint": None,
         "sd_checkpoint_name": None,
     }
-    torch.save(data, str(path))
+    save_legacy_pt(data, path)
     return path
 
 

@@ -6,7 +6,9 @@ import datetime
 
 import torch
 
-# transformers 5's CLIPTextModel has no `text_model.` level; kohya names still contain it.
+from . import clip_module_path
+
+# kohya's text-encoder names keep CLIP's `text_model.` level, whichever transformers version trained.
 TEXT_ENCODER_PREFIX = "lora_te_text_model_"
 UNET_PREFIX = "lora_unet_"
 # kohya's ss_base_model_version -> Stability's modelspec.architecture (LoRA files append "/lora").
@@ -19,9 +21,11 @@ def modelspec_architecture(base_version: str) -> str:
 
 
 def kohya_stem(module_path: str, part: str) -> str:
-    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
-    prefix = UNET_PREFIX if part == "unet" else TEXT_ENCODER_PREFIX
-    return prefix + module_path.replace(".", "_")
+    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`; text-encoder paths
+    with or without `text_model.` -> `lora_te_text_model_encoder_layers_...`."""
+    if part == "unet":
+        return UNET_PREFIX + module_path.replace(".", "_")
+    return TEXT_ENCODER_PREFIX + clip_module_path(module_path).replace(".", "_")
 
 
 def peft_to_kohya(peft_state: dict[str, torch.Tensor], part: str, alpha: float) -> dict[str, torch.Tensor]:

@@ -109,11 +109,6 @@ def _module_rank(module: nn.Module, rank: int, conv_rank: int | None) -> int:
     return rank
 
 
-def _te_module_path(name: str) -> str:
-    """Text-encoder module path relative to `text_model.` (transformers 4 had that level, 5 has not)."""
-    return name.removeprefix("text_model.")
-
-
 def _extract_part(base: nn.Module, tuned: nn.Module, part: str, rank: int, conv_rank: int | None,
                   stats: ExtractStats) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The (up, down) factors of every changed layer of one model (part 'unet' or 'te') by kohya stem;
@@ -138,7 +133,7 @@ def _extract_part(base: nn.Module, tuned: nn.Module, part: str, rank: int, conv_
         covered.add(f"{name}.weight")
         delta = tuned_w.to("cpu", torch.float32) - base_w.to("cpu", torch.float32)
         up, down, error = low_rank_factors(delta, want)
-        stem = kohya_stem(name if part == "unet" else _te_module_path(name), part)
+        stem = kohya_stem(name, part)
         factors[stem] = (up, down)
         stats.relative_error[stem] = error
         stats.extracted += 1

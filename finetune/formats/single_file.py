@@ -151,7 +151,7 @@ def _rename_leaf(rest: str, leaves: dict[str, str]) -> str:
     return rest
 
 
-def _rename_key(key: str, table: Iterable[tuple[str, str, dict[str, str]]]) -> str:
+def rename_key(key: str, table: Iterable[tuple[str, str, dict[str, str]]]) -> str:
     """The ldm name of one diffusers state-dict key; the longest matching prefix wins
     (so `mid_block.attentions.0.` never shadows a deeper, more specific entry)."""
     best = None
@@ -171,7 +171,7 @@ def _convert(state: dict[str, torch.Tensor], table, what: str) -> dict[str, torc
     unknown = []
     for key, tensor in state.items():
         try:
-            new = _rename_key(key, table)
+            new = rename_key(key, table)
         except KeyError:
             unknown.append(key)
             continue
@@ -242,7 +242,7 @@ def ldm_to_pipeline_states(pipe, ldm: dict[str, torch.Tensor]) -> dict[str, dict
     state-dict keys of `pipe`'s own modules (names derived from pipe's configs, so any supported shape works)."""
     table = unet_prefix_table(pipe.unet.config)
     try:
-        unet = {key: ldm[UNET_PREFIX + _rename_key(key, table)] for key in pipe.unet.state_dict()}
+        unet = {key: ldm[UNET_PREFIX + rename_key(key, table)] for key in pipe.unet.state_dict()}
         text = {key: ldm[TEXT_PREFIX + key.removeprefix("text_model.")]
                 for key in pipe.text_encoder.state_dict() if not key.endswith("position_ids")}
     except KeyError as exc:
@@ -295,7 +295,11 @@ def save_single_file(pipe, path, half: bool = False, metadata: dict[str, Any] | 
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
+    try:
+        save_file(state, str(tmp), metadata=meta)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no multi-GB fragment behind
+        raise
     tmp.replace(path)  # never leave a half-written checkpoint under the final name
     return path
 

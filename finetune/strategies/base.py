@@ -17,7 +17,8 @@ class Strategy(Protocol):
     """What the shared trainer needs from a method. Plain classes satisfy it structurally."""
 
     name: str
-    formats: tuple[str, ...]  # export formats this method writes; the first ones are the defaults
+    formats: tuple[str, ...]  # export formats this method can write (output.formats chooses among them)
+    default_formats: tuple[str, ...]  # what a run writes when output.formats is empty
 
     def prepare(self, components: "Components") -> None:
         """Install the method's trainable parts; everything else stays frozen."""

@@ -19,6 +19,7 @@ class DreamBoothStrategy(StrategyDefaults):
 
     name = "dreambooth"
     formats = ("diffusers", "single_file")
+    default_formats = formats
 
     def __init__(self, config):
         self.config = config

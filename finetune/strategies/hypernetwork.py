@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import UserError, __version__
+from ..config import shareable_name
 from ..formats import a1111_hypernetwork as a1111
 from ..hypernet import Hypernetwork, HypernetworkStructure, context_dims, install
 from .base import StrategyDefaults, register, register_loader
@@ -48,6 +49,9 @@ class HypernetworkStrategy(StrategyDefaults):
 
     name = "hypernetwork"
     formats = ("a1111", "safetensors")
+    # The safetensors twin is for sdft's own loader: A1111 lists hypernetworks only as .pt, and ComfyUI's
+    # loader reads it as an empty network, so it is written only when asked for (output.formats).
+    default_formats = ("a1111",)
 
     def __init__(self, config):
         self.config = config
@@ -88,7 +92,7 @@ class HypernetworkStrategy(StrategyDefaults):
         out_dir = Path(out_dir)
         stem = self._stem()
         info = {"step": int(metadata.get("steps", 0)), "name": stem, "sd_checkpoint": None,
-                "sd_checkpoint_name": self.config.model.name,
+                "sd_checkpoint_name": shareable_name(self.config.model.name),
                 "optional_info": f"trained with sdft {__version__} (token {self.config.data.token!r})"}
         args = dict(info=info, strength=self.config.hypernetwork.strength, config=metadata.get("config"))
         written: dict[str, list[str]] = {}

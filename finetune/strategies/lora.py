@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..formats import clip_module_path
 from ..formats import file_stem as shared_file_stem
 from ..formats import kohya_lora
 from .base import StrategyDefaults, register, register_loader
@@ -63,6 +64,7 @@ class LoraStrategy(StrategyDefaults):
 
     name = "lora"
     formats = ("diffusers", "kohya")
+    default_formats = formats
     adapter_name = "default"
 
     def __init__(self, config):
@@ -143,8 +145,12 @@ class LoraStrategy(StrategyDefaults):
             if "text_encoder" in states:
                 adapter_meta["text_encoder_lora_adapter_metadata"] = self._adapter_metadata(
                     self.components.text_encoder)
+            # diffusers' own files name CLIP modules with `text_model.` (its loader drops it where the model has
+            # no such level), so the file is the same whichever transformers version trained it.
+            text_layers = {f"text_model.{clip_module_path(k)}": v for k, v in states["text_encoder"].items()} \
+                if "text_encoder" in states else None
             StableDiffusionPipeline.save_lora_weights(
-                out_dir, unet_lora_layers=states["unet"], text_encoder_lora_layers=states.get("text_encoder"),
+                out_dir, unet_lora_layers=states["unet"], text_encoder_lora_layers=text_layers,
                 weight_name="pytorch_lora_weights.safetensors", **adapter_meta)
             written["diffusers"] = [str(out_dir / "pytorch_lora_weights.safetensors")]
         if "kohya" in formats:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import shareable_name
 from ..formats import embeddings
 from .base import register, register_loader
 
@@ -185,6 +186,7 @@ class TextualInversionStrategy:
 
     name = "textual_inversion"
     formats = ("diffusers", "a1111")
+    default_formats = formats
 
     def __init__(self, config):
         self.config = config
@@ -276,7 +278,7 @@ class TextualInversionStrategy:
         meta = dict(metadata)
         meta.setdefault("vectors", str(self.vectors))
         if self.components is not None:
-            meta.setdefault("base_model", str(self.components.source))
+            meta.setdefault("base_model", shareable_name(str(self.components.source)))
         written: dict[str, list[str]] = {}
         if "diffusers" in formats:
             path = embeddings.save_diffusers(out_dir / embeddings.DIFFUSERS_FILE, self.token, vectors, meta)
@@ -325,7 +327,11 @@ def load_into(pipe, path: str, scale: float = 1.0) -> str:
         found = embeddings.read_embeddings(path)
     except ValueError as exc:
         raise _user_error(f"--adapter {path}: {exc}") from exc
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     for token, vectors in found.items():
+        if vectors.shape[-1] != width:
+            raise _user_error(f"--adapter {path}: its vectors are {vectors.shape[-1]} wide, this base's text encoder "
+                              f"takes {width} (it was trained on a base of another size)")
         vectors = vectors.float()
         if scale != 1.0:
             vectors = vectors * scale

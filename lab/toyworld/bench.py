@@ -196,6 +196,7 @@ def run_quality_bench(cfg: QualityBenchConfig, log=print) -> dict:
                 overrides = [f"model.name={cfg.base}", f"data.images={concept}", f"train.seed={seed}",
                              f"prior.enabled={prior}",
                              f"output.output={out / 'runs' / key.replace('|', '_')}",
+                             "output.overwrite=true",  # a run cut short in an earlier call starts over
                              "output.sample_seeds=[0]", "output.sample_steps=2"]
                 if prior:
                     # "generated": no folder, so the trainer generates (and caches) them from the class prompts.

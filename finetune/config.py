@@ -85,8 +85,16 @@ class TrainConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon")
-    optimizer: str = opt("adamw", "optimizer; adamw8bit needs bitsandbytes and a CUDA GPU",
-                         choices=("adamw", "adamw8bit"))
+    optimizer: str = opt("adamw", "optimizer: adamw; adamw8bit (bitsandbytes, CUDA); prodigy (finds its own step "
+                         "size: use --lr 1); adafactor (memory-light, for full fine-tunes); lion; adamw_schedulefree "
+                         "(no lr decay needed). prodigy, lion and adamw_schedulefree install as extras: "
+                         "pip install \"sdft[prodigy]\"",
+                         choices=("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree"))
+    prodigy_d_coef: float = opt(1.0, "prodigy: multiplier of the estimated step size (below 1: more careful)")
+    prodigy_bias_correction: bool = opt(False, "prodigy: Adam's bias correction (often on in LoRA guides)")
+    prodigy_safeguard_warmup: bool = opt(False, "prodigy: keep the step-size estimate stable during lr warm-up "
+                                         "(on when --lr-warmup-steps is used)")
+    adafactor_relative_step: bool = opt(False, "adafactor: its own time-dependent step size instead of --lr")
     mixed_precision: str = opt("no", "mixed precision (fp16/bf16 need a GPU, bf16 also runs on CPU)",
                                choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")

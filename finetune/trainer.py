@@ -20,6 +20,7 @@ from .formats.file_modes import apply_umask
 from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .losses import min_snr_weights, per_sample_loss, prediction_target
 from .models import Components, load_components, resolve_base
+from .optimizers import make_optimizer, set_training_mode
 from .prior import ensure_class_images
 from .run_folder import check_output_folder, claim_output_folder
 from .strategies import build_strategy
@@ -309,9 +310,12 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                 raise TrainingInterrupted(f"interrupted at step {done} of {tcfg.steps}; checkpoint saved in "
                                           f"{saved}; continue with --resume latest")
             if config.output.sample_every and done % config.output.sample_every == 0 and done < tcfg.steps:
+                set_training_mode(optimizer, False)  # schedule-free: sample the averaged weights
                 _write_samples(accelerator, config, components, strategy, text_encoder, unet, out, done, resolution)
+                set_training_mode(optimizer, True)
 
     summary = {}
+    set_training_mode(optimizer, False)  # schedule-free: samples and exports use the averaged weights
     if ema is not None:
         ema.copy_to_params()  # every rank, so all of them end on the same weights
     if accelerator.is_main_process:
@@ -398,21 +402,6 @@ def _bucket_sizes(config: RunConfig, examples, resolution: int) -> list[tuple[in
     sizes = [assign_bucket(e.image.size, buckets, resolution, step, config.data.bucket_no_upscale) for e in examples]
     log.info("aspect-ratio buckets: %s", ", ".join(f"{w}x{h}: {sizes.count((w, h))}" for w, h in sorted(set(sizes))))
     return sizes
-
-
-def make_optimizer(tcfg, param_groups, device):
-    """AdamW, or bitsandbytes' 8-bit AdamW (CUDA only) to save optimizer memory at real scale."""
-    kwargs = dict(lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_epsilon,
-                  weight_decay=tcfg.weight_decay)
-    if tcfg.optimizer == "adamw8bit":
-        if torch.device(device).type != "cuda":
-            raise UserError("train.optimizer=adamw8bit needs a CUDA GPU; use adamw on this machine")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise UserError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from exc
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    return torch.optim.AdamW(param_groups, **kwargs)
 
 
 def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:

@@ -1,0 +1,74 @@
+"""The optimizer a run trains with, chosen by `train.optimizer`, from the packages the field uses.
+
+Optional ones install as extras (`pip install "sdft[prodigy]"`); a missing one is a one-line error naming it.
+Every optimizer here keeps its whole state in `state_dict()`, so checkpoints resume it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import UserError
+
+log = logging.getLogger(__name__)
+
+# optimizer name -> (module to import, pip extra that installs it); None: always available.
+OPTIONAL_PACKAGES = {"prodigy": ("prodigyopt", "prodigy"), "lion": ("lion_pytorch", "lion"),
+                     "adamw_schedulefree": ("schedulefree", "schedulefree"), "adamw8bit": ("bitsandbytes", "bnb")}
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree")
+
+
+def _import(name: str):
+    module, extra = OPTIONAL_PACKAGES[name]
+    try:
+        return __import__(module)
+    except ImportError as exc:
+        raise UserError(f"train.optimizer={name} needs the {module} package: pip install \"sdft[{extra}]\"") from exc
+
+
+def make_optimizer(tcfg, param_groups, device) -> torch.optim.Optimizer:
+    """The optimizer of `tcfg.optimizer` over `param_groups` (groups may carry their own lr)."""
+    name = tcfg.optimizer
+    betas, decay = (tcfg.adam_beta1, tcfg.adam_beta2), tcfg.weight_decay
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=tcfg.lr, betas=betas, eps=tcfg.adam_epsilon, weight_decay=decay)
+    if name == "adamw8bit":
+        if torch.device(device).type != "cuda":
+            raise UserError("train.optimizer=adamw8bit needs a CUDA GPU; use adamw on this machine")
+        return _import(name).optim.AdamW8bit(param_groups, lr=tcfg.lr, betas=betas, eps=tcfg.adam_epsilon,
+                                             weight_decay=decay)
+    if name == "prodigy":
+        if tcfg.lr < 0.1:
+            # Prodigy estimates the step size itself; lr only scales that estimate (1.0 as its authors advise).
+            log.warning("train.optimizer=prodigy with lr %g: Prodigy's lr is a multiplier of the step size it "
+                        "finds, usually 1.0 (--lr 1)", tcfg.lr)
+        return _import(name).Prodigy(param_groups, lr=tcfg.lr, betas=betas, eps=tcfg.adam_epsilon,
+                                     weight_decay=decay, d_coef=tcfg.prodigy_d_coef,
+                                     use_bias_correction=tcfg.prodigy_bias_correction,
+                                     safeguard_warmup=tcfg.prodigy_safeguard_warmup)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Relative step: Adafactor's own time-dependent step size (no lr); else the run's lr, fixed.
+        relative = tcfg.adafactor_relative_step
+        return Adafactor(param_groups, lr=None if relative else tcfg.lr, relative_step=relative,
+                         scale_parameter=relative, warmup_init=False, weight_decay=decay)
+    if name == "lion":
+        return _import(name).Lion(param_groups, lr=tcfg.lr, betas=(tcfg.adam_beta1, 0.99), weight_decay=decay)
+    if name == "adamw_schedulefree":
+        optimizer = _import(name).AdamWScheduleFree(param_groups, lr=tcfg.lr, betas=betas, eps=tcfg.adam_epsilon,
+                                                    weight_decay=decay, warmup_steps=tcfg.lr_warmup_steps)
+        optimizer.train()
+        return optimizer
+    raise UserError(f"train.optimizer={name}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def set_training_mode(optimizer, training: bool) -> None:
+    """Schedule-free optimizers keep two points: train on one, sample and export the averaged one (eval).
+    A no-op for every other optimizer."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
+    switch = getattr(inner, "train" if training else "eval", None)
+    if callable(switch) and hasattr(inner, "train") and hasattr(inner, "eval"):
+        switch()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from . import UserError, __version__
+from . import lora_tools
 from .interrupt import TrainingInterrupted
 from .config import METHOD_SECTIONS, RunConfig, coerce, field_flag, field_kind, load_recipe
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conv-rank", type=int, default=None,
                    help="rank for 3x3 convs (default: --rank; 0 leaves them out as kohya's tool does)")
     p.add_argument("--output", default="extracted_lora.safetensors", help="output .safetensors")
+    lora_tools.add_commands(sub)
     p = sub.add_parser("generate", help="generate images with a base model and adapters", allow_abbrev=False)
     p.add_argument("--model", default="tiny", help="base model (as for training)")
     p.add_argument("--model-config", default=None, help="configs for a single-file --model")
@@ -207,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "extract-lora":
             print(f"wrote {run_extract_lora(args)}")
+            return 0
+        tool = {"convert": lora_tools.run_convert, "merge": lora_tools.run_merge,
+                "resize-lora": lora_tools.run_resize}.get(args.command)
+        if tool:
+            print(f"wrote {tool(args)}")
             return 0
         config = load_recipe(args.recipe, args.overrides) if args.command == "train" else config_from_args(args)
         from .trainer import run_training

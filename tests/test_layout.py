@@ -10,7 +10,8 @@ from pathlib import Path
 from finetune.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-PRODUCT_COMMANDS = {"lora", "textual-inversion", "hypernetwork", "dreambooth", "train", "generate", "extract-lora"}
+PRODUCT_COMMANDS = {"lora", "textual-inversion", "hypernetwork", "dreambooth", "train", "generate", "extract-lora",
+                    "convert", "merge", "resize-lora"}
 
 
 def _imported_modules(path: Path) -> set[str]:

@@ -6,7 +6,7 @@ evenly: lora_up = U[:, :r] sqrt(S_r), lora_down = sqrt(S_r) V^T[:r]. Conv factor
 down [r, in, kh, kw] and up [out, r, 1, 1], the shapes kohya/LyCORIS "LoCon" files use, so that
 conv(x, up) after conv(x, down) equals conv(x, up @ down). alpha is the requested rank (the largest layer
 rank when every layer is smaller), so the applied scale alpha/r is 1; layers whose rank is capped below it
-get compensated factors (see _kohya_tensors).
+get compensated factors (see shared_alpha_tensors).
 This is what kohya's sd-scripts networks/extract_lora_from_models.py does (it extracts 3x3 convs only
 with --conv_dim, and can clamp outliers with a quantile, which we do not).
 
@@ -141,7 +141,7 @@ def _extract_part(base: nn.Module, tuned: nn.Module, part: str, rank: int, conv_
     return factors
 
 
-def _kohya_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def shared_alpha_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """kohya tensors with ONE alpha for every module: alpha = the largest module rank R.
 
     Loaders apply up @ down * alpha / r per module, so a module whose rank r was capped below R has its
@@ -184,7 +184,7 @@ def extract_lora_with_stats(base_unet, tuned_unet, rank: int, base_te=None, tune
         factors = _extract_part(base_unet, tuned_unet, "unet", rank, conv_rank, stats)
         if base_te is not None:
             factors.update(_extract_part(base_te, tuned_te, "te", rank, conv_rank, stats))
-    return _kohya_tensors(factors), stats
+    return shared_alpha_tensors(factors), stats
 
 
 def extract_lora(base_unet, tuned_unet, rank: int, base_te=None, tuned_te=None,

@@ -1,0 +1,129 @@
+"""`sdft convert`, `sdft merge` and `sdft resize-lora`: working with LoRA files after training."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import UserError
+
+
+def add_commands(sub) -> None:
+    """The LoRA tools' subcommands on the sdft parser."""
+    p = sub.add_parser("convert", help="convert a LoRA between diffusers' format and kohya's (A1111, ComfyUI)",
+                       allow_abbrev=False)
+    p.add_argument("lora", help="a LoRA .safetensors file (either format: the other one is written)")
+    p.add_argument("--output", required=True, help="kohya: a .safetensors file; diffusers: a folder")
+    p.add_argument("--base", default="tiny", help="base whose module names a kohya file is read against "
+                   "(kohya -> diffusers only; as --model)")
+    p = sub.add_parser("merge", help="fuse one or more LoRAs into a base and save it (diffusers folder or "
+                       "single file)", allow_abbrev=False)
+    p.add_argument("--base", required=True, help="base model (as --model)")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]",
+                   help="a LoRA file and its scale (default 1.0); repeat for several")
+    p.add_argument("--output", required=True, help="a folder (diffusers) or a .safetensors file (original "
+                   "single-file layout)")
+    p = sub.add_parser("resize-lora", help="re-factorise a kohya LoRA at a lower rank (SVD), reporting the "
+                       "energy each module keeps", allow_abbrev=False)
+    p.add_argument("lora", help="a kohya-format LoRA .safetensors file")
+    p.add_argument("--rank", type=int, required=True, help="new rank (modules below it keep theirs)")
+    p.add_argument("--output", required=True, help="the resized .safetensors file")
+
+
+def _read(path: str):
+    from safetensors import safe_open
+
+    from .inference import check_safetensors_file
+
+    check_safetensors_file(Path(path), "LoRA")
+    with safe_open(path, framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
+
+
+def _is_kohya(tensors: dict) -> bool:
+    return any(k.startswith(("lora_unet_", "lora_te")) for k in tensors)
+
+
+def _refuse_existing(output: Path) -> None:
+    if output.exists():
+        raise UserError(f"--output {output} exists; choose a new name (sdft never overwrites your files)")
+
+
+def run_convert(args: argparse.Namespace) -> str:
+    from safetensors.torch import save_file
+
+    from .formats.file_modes import apply_umask
+    from .formats.lora_convert import diffusers_to_kohya, kohya_to_diffusers_pipeline
+    from .models import load_pipeline
+
+    output = Path(args.output)
+    _refuse_existing(output)
+    tensors, metadata = _read(args.lora)
+    if _is_kohya(tensors):
+        written = kohya_to_diffusers_pipeline(load_pipeline(args.base), Path(args.lora), output)
+        apply_umask([output])
+        return str(written)
+    if output.suffix != ".safetensors":
+        raise UserError("--output: a kohya LoRA is a .safetensors file")
+    kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.", "sdft_"))}
+    save_file(diffusers_to_kohya(tensors, metadata), str(output), metadata=kept or None)
+    apply_umask([output])
+    return str(output)
+
+
+def parse_lora_scale(item: str) -> tuple[str, float]:
+    """'file.safetensors:0.8' -> (file, 0.8); no scale: 1.0 (a ':' inside a path is kept)."""
+    path, sep, scale = item.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return item, 1.0
+
+
+def run_merge(args: argparse.Namespace) -> str:
+    from .formats.file_modes import apply_umask
+    from .formats.single_file import save_single_file
+    from .models import load_pipeline
+
+    output = Path(args.output)
+    _refuse_existing(output)
+    loras = [parse_lora_scale(item) for item in args.lora]
+    for path, _ in loras:
+        _read(path)  # a damaged file fails before the base loads
+    pipe = load_pipeline(args.base)
+    names = [f"merge_{index}" for index in range(len(loras))]
+    for name, (path, _) in zip(names, loras):
+        pipe.load_lora_weights(path, adapter_name=name)
+    # All at once: fusing one adapter and then loading the next would unmerge the first.
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    pipe.fuse_lora(adapter_names=names)
+    pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    if output.suffix == ".safetensors":
+        save_single_file(pipe, output)
+    else:
+        pipe.save_pretrained(output, safe_serialization=True)
+    apply_umask([output])
+    return str(output)
+
+
+def run_resize(args: argparse.Namespace) -> str:
+    from .formats.file_modes import apply_umask
+    from .formats.lora_extract import save_extracted_lora
+    from .formats.lora_resize import resize_kohya
+
+    output = Path(args.output)
+    _refuse_existing(output)
+    if args.rank < 1:
+        raise UserError("--rank must be >= 1")
+    tensors, metadata = _read(args.lora)
+    if not _is_kohya(tensors):
+        raise UserError(f"{args.lora}: not a kohya LoRA; convert it first (sdft convert)")
+    resized, report = resize_kohya(tensors, args.rank)
+    print(report.summary())
+    kept = {k: v for k, v in metadata.items() if k.startswith(("ss_base_model", "modelspec.architecture"))}
+    save_extracted_lora(output, resized, {**kept, "ss_training_comment": f"resized to rank {args.rank} by sdft"},
+                        title=output.stem)
+    apply_umask([output])
+    return str(output)

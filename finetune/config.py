@@ -68,6 +68,10 @@ class DataConfig:
     caption_dropout: float = opt(0.0, "probability of training a sample with an empty caption (helps guidance)")
     shuffle_captions: bool = opt(False, "shuffle the comma-separated tags of each caption every time")
     keep_tokens: int = opt(1, "with --shuffle-captions: leading tags that stay in place (e.g. the trigger word)")
+    validation_images: str | None = opt(None, "folder of held-out images (captions as for --images): a validation "
+                                        "loss at fixed noise and timesteps, logged and drawn beside the training loss")
+    validation_share: float = opt(0.0, "hold out this share of --images for the validation loss instead (every "
+                                  "k-th image; 0 = none)")
 
 
 @dataclass
@@ -145,6 +149,9 @@ class OutputConfig:
     sample_steps: int = opt(25, "denoising steps for samples")
     guidance: float = opt(5.0, "classifier-free guidance scale for samples")
     log_every: int = opt(1, "log loss/lr to tensorboard every N steps")
+    validation_every: int = opt(50, "compute the validation loss every N steps (and before the first and after "
+                                "the last), when there is a validation set")
+    validation_timesteps: int = opt(4, "timesteps the validation loss averages, spread evenly over the schedule")
 
 
 @dataclass
@@ -323,6 +330,12 @@ class RunConfig:
                             "works on 8x8 blocks)")
         if self.output.sample_steps < 1 or self.output.guidance < 0 or any(s < 0 for s in self.output.sample_seeds):
             raise UserError("output.sample_steps must be >= 1, output.guidance >= 0 and sample seeds >= 0")
+        if not 0.0 <= self.data.validation_share <= 0.5:
+            raise UserError(f"data.validation_share must be between 0 and 0.5, got {self.data.validation_share}")
+        if self.data.validation_share and self.data.validation_images:
+            raise UserError("pass data.validation_images or data.validation_share, not both")
+        if self.output.validation_every < 1 or self.output.validation_timesteps < 1:
+            raise UserError("output.validation_every and output.validation_timesteps must be >= 1")
         if self.output.checkpoint_every < 0 or self.output.keep_checkpoints < 1 or self.output.sample_every < 0:
             raise UserError("output.checkpoint_every and output.sample_every must be >= 0, "
                             "output.keep_checkpoints >= 1")

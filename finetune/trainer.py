@@ -24,6 +24,7 @@ from .optimizers import make_optimizer, set_training_mode
 from .prior import ensure_class_images
 from .run_folder import check_output_folder, claim_output_folder
 from .strategies import build_strategy
+from .validation import ValidationSet, split_validation
 
 log = logging.getLogger(__name__)
 # Class samples draw from their own random stream, apart from the instance samples'.
@@ -77,6 +78,10 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     # Check the user's input before the slow model load, so mistakes fail in a second.
     examples = load_examples(config.data.images, config.data.prompt, config.data.token, config.data.class_word,
                              keep_alpha=config.data.alpha_mask)
+    examples, held_out = split_validation(examples, config.data.validation_share)
+    if config.data.validation_images:
+        held_out = load_examples(config.data.validation_images, config.data.prompt, config.data.token,
+                                 config.data.class_word, flag="--validation-images")
     if components is None:
         components = load_components(config.model.name, config.model.single_file_config)
     if word is not None:
@@ -177,10 +182,10 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         accelerator.init_trackers("sdft", config=_flat_hparams(config))
     accelerator.wait_for_everyone()
 
-    def encode_text(captions: list[str]) -> torch.Tensor:
+    def encode_text(captions: list[str], encoder=None) -> torch.Tensor:
         prompts = [strategy.expand_prompt(word.expand(c) if word else c) for c in captions]
         if strategy.trains_text_encoder():
-            return text_encoder(_tokenize(components.tokenizer, prompts, accelerator.device))[0]
+            return (encoder or text_encoder)(_tokenize(components.tokenizer, prompts, accelerator.device))[0]
         missing = [p for p in dict.fromkeys(prompts) if p not in text_cache]
         if missing:
             with torch.no_grad():
@@ -223,6 +228,34 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         if tcfg.snr_gamma:
             losses = losses * min_snr_weights(scheduler, timesteps, tcfg.snr_gamma, prediction_type)
         return losses
+    validation = None
+    if held_out and accelerator.is_main_process:
+        validation = ValidationSet(held_out, components.vae, components.vae_scale, resolution, num_timesteps,
+                                   config.output.validation_timesteps, accelerator.device, weight_dtype)
+
+    def validate(step: int) -> None:
+        """The held-out loss on the main process, through the unwrapped models (no collective operation)."""
+        if validation is None:
+            return
+        plain_unet, plain_text = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+
+        def predict(noisy, t, captions):
+            hidden = encode_text(captions, plain_text)
+            return plain_unet(noisy.to(weight_dtype), t, hidden.to(weight_dtype)).sample
+
+        modes = [(m, m.training) for m in trainable]
+        for module, _ in modes:
+            module.eval()  # no adapter dropout: the number depends on the weights alone
+        with accelerator.autocast():
+            value = validation.loss(predict, scheduler, prediction_type)
+        for module, mode in modes:
+            module.train(mode)
+        history.setdefault("val_steps", []).append(step)
+        history.setdefault("val_losses", []).append(value)
+        accelerator.log({"val_loss": value}, step=step)
+
+    if start_step == 0:
+        validate(0)  # the base's own loss on the held-out images: where the curve starts
     progress = tqdm(total=tcfg.steps, initial=start_step, desc=f"sdft {config.method}",
                     disable=not accelerator.is_local_main_process)
     step_times: list[float] = []
@@ -309,6 +342,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                 accelerator.end_training()
                 raise TrainingInterrupted(f"interrupted at step {done} of {tcfg.steps}; checkpoint saved in "
                                           f"{saved}; continue with --resume latest")
+            if done % config.output.validation_every == 0 or done == tcfg.steps:
+                validate(done)
             if config.output.sample_every and done % config.output.sample_every == 0 and done < tcfg.steps:
                 set_training_mode(optimizer, False)  # schedule-free: sample the averaged weights
                 _write_samples(accelerator, config, components, strategy, text_encoder, unet, out, done, resolution)
@@ -327,7 +362,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             exports["embedding"] = word.export(components, out, {"steps": str(tcfg.steps),
                                                                  "base_model": shareable_name(config.model.name)})
         apply_umask(path for paths in exports.values() for path in paths)
-        loss_plot(history["steps"], history["losses"], out / "loss.png", f"sdft {config.method} loss")
+        loss_plot(history["steps"], history["losses"], out / "loss.png", f"sdft {config.method} loss",
+                  validation=(history.get("val_steps", []), history.get("val_losses", [])))
         try:
             samples = _write_samples(accelerator, config, components, strategy, text_encoder, unet, out,
                                      tcfg.steps, resolution)
@@ -354,6 +390,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             "vae_posterior": "sample" if sample_posterior else "mean",
             "class_images": str(class_folder) if class_folder else None,
             "class_images_generated": class_generated,
+            "validation_images": len(held_out),
+            "validation_loss": history["val_losses"][-1] if history.get("val_losses") else None,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     # Every rank leaves together. A rank that returned straight after its last loss all-reduce could free the

@@ -8,7 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
-from . import UserError
+from . import UserError, is_disk_full
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -57,11 +57,15 @@ def save_checkpoint(accelerator, output: Path, step: int, trainer_state: dict, k
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}))
             _fsync_dir(tmp)
-    except OSError as exc:
-        # A full disk (or a vanished folder): drop the half-written folder; the earlier checkpoints stay usable.
+    except Exception as exc:
+        # Whatever failed (a full disk raises OSError, RuntimeError or SafetensorError depending on the writer),
+        # drop the half-written folder: the earlier checkpoints stay usable.
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (is_disk_full(exc) or isinstance(exc, OSError)):
+            raise
         kept = list_checkpoints(output)
-        raise UserError(f"could not write the checkpoint of step {step} in {root}: {exc.strerror or exc}; "
+        reason = "no space left on the device" if is_disk_full(exc) else (exc.strerror or str(exc))
+        raise UserError(f"could not write the checkpoint of step {step} in {root}: {reason}; "
                         + (f"the latest complete one is {kept[-1]}" if kept else "no earlier checkpoint exists")
                         ) from exc
     if accelerator.is_main_process:

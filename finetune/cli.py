@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import errno
 import logging
 import os
 import sys
 from pathlib import Path
 
-from . import UserError, __version__
+from . import UserError, __version__, is_disk_full
 from . import lora_tools
 from .interrupt import TrainingInterrupted
 from .config import METHOD_SECTIONS, RunConfig, coerce, field_flag, field_kind, load_recipe
@@ -182,8 +181,9 @@ def run_extract_lora(args: argparse.Namespace) -> str:
 
 def describe_error(exc: BaseException) -> str:
     """One line for an error sdft did not foresee as a UserError: what failed and on which file."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"no space left on the device while writing {exc.filename or 'a file'}; free some space and rerun"
+    if is_disk_full(exc):
+        where = getattr(exc, "filename", None) or "a file"
+        return f"no space left on the device while writing {where}; free some space and rerun"
     if isinstance(exc, PermissionError):
         return f"permission denied: {exc.filename or exc}"
     if isinstance(exc, OSError) and exc.filename:
@@ -193,42 +193,39 @@ def describe_error(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one sdft command; the exit code: 0 done, 2 a user error, 130 interrupted, 1 anything else."""
     argv = sys.argv[1:] if argv is None else argv
     # Wherever it stands on the command line: `--debug` lets errors raise with their traceback.
     debug = "--debug" in argv or os.environ.get("SDFT_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    code = _run([a for a in argv if a != "--debug"], debug)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under a multi-process launch, freeing the DDP-wrapped models at exit would run ~ProcessGroupGloo, which
+        # joins gloo's worker thread while holding the GIL the worker waits for: the process hangs (py-spy showed
+        # Reducer dealloc -> ~ProcessGroupGloo -> thread::join). Leave without running destructors, whatever the
+        # outcome (a library caller of run_training() under such a launch still frees them normally).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(argv: list[str], debug: bool) -> int:
+    parser = build_parser()
     try:
         args = _check_unknown(parser, argv)
         if not args.command:
             parser.print_help()
             return 0
         quiet_libraries()
-        if args.command == "generate":
-            print(f"wrote {run_generate(args)}")
-            return 0
-        if args.command == "extract-lora":
-            print(f"wrote {run_extract_lora(args)}")
-            return 0
-        tool = {"convert": lora_tools.run_convert, "merge": lora_tools.run_merge,
-                "resize-lora": lora_tools.run_resize}.get(args.command)
+        tool = {"generate": run_generate, "extract-lora": run_extract_lora, "convert": lora_tools.run_convert,
+                "merge": lora_tools.run_merge, "resize-lora": lora_tools.run_resize}.get(args.command)
         if tool:
             print(f"wrote {tool(args)}")
             return 0
         config = load_recipe(args.recipe, args.overrides) if args.command == "train" else config_from_args(args)
         from .trainer import run_training
 
-        outcome = run_training(config)
-        _print_summary(outcome.summary)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Everything is written and the ranks have left together. Freeing the DDP-wrapped models now would run
-            # ~ProcessGroupGloo, which joins gloo's worker thread while holding the GIL the worker waits for: the
-            # process hangs at exit (py-spy showed it: Reducer dealloc -> ~ProcessGroupGloo -> thread::join).
-            # Leave without running destructors (here, where the process ends anyway; a library caller of
-            # run_training() under a multi-process launch still frees them normally).
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+        _print_summary(run_training(config).summary)
         return 0
     except UserError as exc:
         if debug:

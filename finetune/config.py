@@ -19,6 +19,9 @@ from typing import Any
 from . import UserError
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree")
+
+
 def opt(default, help: str, flag: str | None = None, choices: tuple | None = None, **kw):
     """A config field with its help text, an optional CLI flag name and allowed values."""
     meta = {"help": help, "flag": flag, "choices": choices}
@@ -90,14 +93,13 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon")
     optimizer: str = opt("adamw", "optimizer: adamw; adamw8bit (bitsandbytes, CUDA); prodigy (finds its own step "
-                         "size: use --lr 1); adafactor (memory-light, for full fine-tunes); lion; adamw_schedulefree "
-                         "(no lr decay needed). prodigy, lion and adamw_schedulefree install as extras: "
-                         "pip install \"sdft[prodigy]\"",
-                         choices=("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree"))
+                         "size: use --lr 1); adafactor (memory-light, for full fine-tunes); lion (betas: "
+                         "--adam-beta1 and 0.99); adamw_schedulefree (constant --lr-scheduler). The optional ones "
+                         "install as extras: pip install \"sdft[optimizers]\"", choices=OPTIMIZERS)
     prodigy_d_coef: float = opt(1.0, "prodigy: multiplier of the estimated step size (below 1: more careful)")
     prodigy_bias_correction: bool = opt(False, "prodigy: Adam's bias correction (often on in LoRA guides)")
     prodigy_safeguard_warmup: bool = opt(False, "prodigy: keep the step-size estimate stable during lr warm-up "
-                                         "(on when --lr-warmup-steps is used)")
+                                         "(advised with --lr-warmup-steps)")
     adafactor_relative_step: bool = opt(False, "adafactor: its own time-dependent step size instead of --lr")
     mixed_precision: str = opt("no", "mixed precision (fp16/bf16 need a GPU, bf16 also runs on CPU)",
                                choices=("no", "fp16", "bf16"))
@@ -330,6 +332,10 @@ class RunConfig:
                             "works on 8x8 blocks)")
         if self.output.sample_steps < 1 or self.output.guidance < 0 or any(s < 0 for s in self.output.sample_seeds):
             raise UserError("output.sample_steps must be >= 1, output.guidance >= 0 and sample seeds >= 0")
+        if self.train.optimizer == "adamw_schedulefree" and (self.train.lr_scheduler != "constant"
+                                                             or self.train.ema_decay):
+            raise UserError("train.optimizer=adamw_schedulefree replaces the lr schedule and the weight average: use "
+                            "--lr-scheduler constant (its --lr-warmup-steps still apply) and no --ema-decay")
         if not 0.0 <= self.data.validation_share <= 0.5:
             raise UserError(f"data.validation_share must be between 0 and 0.5, got {self.data.validation_share}")
         if self.data.validation_share and self.data.validation_images:
@@ -342,7 +348,8 @@ class RunConfig:
         if self.method == "lora":
             lora = self.lora
             if lora.rank < 1 or (lora.text_encoder_rank is not None and lora.text_encoder_rank < 1):
-                raise UserError(f"lora.rank must be >= 1, got {lora.rank}")
+                raise UserError(f"lora.rank and lora.text_encoder_rank must be >= 1, got {lora.rank} and "
+                                f"{lora.text_encoder_rank}")
             if any(a is not None and a <= 0 for a in (lora.alpha, lora.text_encoder_alpha)):
                 raise UserError("lora.alpha and lora.text_encoder_alpha must be > 0 (or unset: the rank)")
             if not 0.0 <= lora.dropout < 1.0:

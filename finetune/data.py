@@ -121,7 +121,7 @@ def load_examples(folder: str | None, prompt_template: str, token: str, class_wo
                        and not p.name.lower().endswith(MASK_SUFFIX))
     except OSError as exc:
         raise UserError(f"{flag} {folder}: cannot list the folder ({exc.strerror or exc})") from exc
-    skipped = [f"{p.name} (a broken link or a link loop)" for p in named if not p.is_file()]
+    skipped = [f"{p.name} (not a file: a folder, a broken link or a link loop)" for p in named if not p.is_file()]
     candidates = [p for p in named if p.is_file()]
     if not candidates:
         raise UserError(f"{flag} {folder}: no images found (expected {', '.join(sorted(IMAGE_SUFFIXES))})"
@@ -222,8 +222,9 @@ def read_text_file(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8") from exc
+        at = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # utf-8-sig counts after the BOM
+        line = data[:at].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[at]:02x}); save it as UTF-8") from exc
 
 
 def read_caption_file(image_path: Path, token: str, class_word: str) -> str | None:

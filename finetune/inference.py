@@ -44,6 +44,8 @@ def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> str:
     try:
         return load_into(pipe, str(path), scale)
     except (RuntimeError, ValueError) as exc:
+        if not SIZE_MISMATCH.search(str(exc)):
+            raise
         raise UserError(f"--adapter {path} does not fit this base: {shape_mismatch(str(exc))}") from exc
 
 

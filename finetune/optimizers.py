@@ -1,23 +1,25 @@
 """The optimizer a run trains with, chosen by `train.optimizer`, from the packages the field uses.
 
-Optional ones install as extras (`pip install "sdft[prodigy]"`); a missing one is a one-line error naming it.
+Optional ones install as extras (`pip install "sdft[optimizers]"`, or one of prodigy, lion, schedulefree, bnb);
+a missing one is a one-line error naming its extra.
 Every optimizer here keeps its whole state in `state_dict()`, so checkpoints resume it exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
 from . import UserError
+from .config import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
 # optimizer name -> (module to import, pip extra that installs it); None: always available.
 OPTIONAL_PACKAGES = {"prodigy": ("prodigyopt", "prodigy"), "lion": ("lion_pytorch", "lion"),
                      "adamw_schedulefree": ("schedulefree", "schedulefree"), "adamw8bit": ("bitsandbytes", "bnb")}
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree")
 
 
 def _import(name: str):
@@ -63,6 +65,25 @@ def make_optimizer(tcfg, param_groups, device) -> torch.optim.Optimizer:
         optimizer.train()
         return optimizer
     raise UserError(f"train.optimizer={name}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer, params):
+    """Within the block, a schedule-free optimizer's parameters are its averaged (eval) point; afterwards exactly
+    the training point again (restored from a copy: the eval/train switch is not bit-exact both ways)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not (hasattr(inner, "eval") and hasattr(inner, "train")):
+        yield
+        return
+    saved = [p.detach().clone() for p in params]
+    inner.eval()
+    try:
+        yield
+    finally:
+        inner.train()
+        with torch.no_grad():
+            for param, value in zip(params, saved):
+                param.copy_(value)
 
 
 def set_training_mode(optimizer, training: bool) -> None:

@@ -8,8 +8,8 @@ ships next to the method's files as an embedding (diffusers `learned_embeds.safe
 `{emb_params}` file) read from the final text encoder, so a DreamBooth run that also trained the text encoder
 exports the rows it ended with.
 
-A finished phase 1 whose resolved config matches is reused, so `--resume` (or a re-run after a crash in
-phase 2) does not train the word again; an unfinished phase 1 starts over (it is the short phase).
+With `--resume`, a finished phase 1 whose settings match (output and reporting settings may differ) is reused,
+so the word is not trained again; an unfinished phase 1 starts over (it is the short phase).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 from . import UserError
 from .config import RunConfig, saved_config_dict
 from .formats import embeddings
+from .interrupt import TrainingInterrupted
+from .run_folder import config_differences
 from .strategies.textual_inversion import add_placeholder_tokens, expand_placeholder, placeholder_names
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,10 @@ def _finished_phase(phase: RunConfig) -> torch.Tensor | None:
     learned = folder / embeddings.DIFFUSERS_FILE
     if not (done.is_file() and saved.is_file() and learned.is_file()):
         return None
-    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(saved_config_dict(phase), sort_keys=False)):
+    # Settings a resume may change (output and reporting) do not make the word stale; its own steps do.
+    earlier = yaml.safe_load(saved.read_text())
+    if earlier.get("train", {}).get("steps") != phase.train.steps or config_differences(earlier,
+                                                                                      saved_config_dict(phase)):
         return None
     found = embeddings.read_embeddings(learned)
     return found.get(phase.data.token)
@@ -128,21 +133,21 @@ def learn_word(config: RunConfig, components=None) -> LearnedWord:
     if config.output.resume:
         vectors = _finished_phase(phase)
     if vectors is None:
-        if components is None:
-            from .data import load_examples
-            from .models import load_components, resolve_base
+        if components is None:  # (the trainer checked the model name and the images before calling)
+            from .models import load_components
 
-            # The trainer's own early checks, before the slow load: bad input fails in a second.
-            resolve_base(config.model.name)
-            load_examples(config.data.images, config.data.prompt, token, config.data.class_word,
-                          keep_alpha=config.data.alpha_mask)
             components = load_components(config.model.name, config.model.single_file_config)
         else:
             components = copy.deepcopy(components)
         check_new_word(components.tokenizer, token, config.pivotal.vectors)
         log.info("pivotal tuning, phase 1: %d steps of textual inversion into %s", phase.train.steps,
                  phase.output.output)
-        outcome = run_training(phase, components)
+        try:
+            outcome = run_training(phase, components)
+        except TrainingInterrupted as exc:
+            # Phase 1 is short and always starts over: its checkpoint is not what --resume continues.
+            raise TrainingInterrupted("interrupted while learning the new word (pivotal tuning's first phase); "
+                                      "run the command again with --overwrite to start over") from exc
         vectors = outcome.strategy.state_dict()[token]
         del outcome
     else:

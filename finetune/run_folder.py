@@ -1,8 +1,8 @@
 """Run folders that protect the user's work: one run per folder, resume only into a compatible run.
 
 Every check here only reads. A run writes into its folder only after `check_output_folder` passed and its
-inputs and model loaded (`claim_output_folder` is that first write), so a failed start leaves the folder as
-it was.
+inputs were checked and (but for a pivotal run's first phase) its model loaded: `claim_output_folder` is that
+first write, so a failed start leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -11,19 +11,39 @@ import shutil
 from pathlib import Path
 
 from . import UserError
-from .checkpoint import checkpoints_dir, load_trainer_state, resolve_resume
+from .checkpoint import list_checkpoints, load_trainer_state, resolve_resume
 
-# What a run writes that marks a folder as holding one.
+# What a run writes that marks a folder as holding one, and the entries --overwrite removes (with the exports
+# the older run's summary.json lists): nothing else in the folder is ever deleted.
 RUN_MARKERS = ("config.yaml", "summary.json", "checkpoints", "pivotal")
+RUN_ENTRIES = (*RUN_MARKERS, "logs", "samples", "loss.png", "pipeline")
 # Settings a resumed run may change: how long it trains and how it reports, not what it trains.
 RESUMABLE_KEYS = ("train.steps", "train.gradient_checkpointing", "data.cache_latents", "data.latent_cache_dir")
 RESUMABLE_SECTIONS = ("output",)
 
 
 def run_markers(folder: Path) -> list[str]:
-    """The names in `folder` that show an sdft run lives there (empty: no run)."""
+    """The names in `folder` that show an sdft run lives there (empty: no run). A config.yaml or summary.json
+    counts only when it is sdft's (it names a method), checkpoints/ only with step-N folders in it."""
     folder = Path(folder)
-    return [name for name in RUN_MARKERS if (folder / name).exists()] if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    found = [name for name in ("config.yaml", "summary.json") if _names_a_method(folder / name)]
+    if list_checkpoints(folder):
+        found.append("checkpoints")
+    if _names_a_method(folder / "pivotal" / "config.yaml"):
+        found.append("pivotal")
+    return found
+
+
+def _names_a_method(path: Path) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "method" in data
 
 
 def check_output_folder(config) -> Path | None:
@@ -38,8 +58,11 @@ def check_output_folder(config) -> Path | None:
     if not config.output.resume:
         markers = run_markers(out)
         if markers and not config.output.overwrite:
-            raise UserError(f"{out} holds another run ({', '.join(markers)}); continue it with --resume latest, "
-                            "choose a new --output, or pass --overwrite (output.overwrite=true) to clear it first")
+            ways = "continue it with --resume latest, " if list_checkpoints(out) else ""
+            raise UserError(f"{out} holds another run ({', '.join(markers)}); {ways}choose a new --output, or pass "
+                            "--overwrite (output.overwrite=true) to replace it")
+        if markers:
+            refuse_overwriting_inputs(config, out)
         return None
     if config.output.overwrite:
         raise UserError("--overwrite clears the folder and --resume continues it: pass one of them")
@@ -62,7 +85,23 @@ def check_output_folder(config) -> Path | None:
     if source_run.resolve() != out.resolve() and run_markers(out):
         raise UserError(f"{out} holds another run ({', '.join(run_markers(out))}); resume {checkpoint} into a new "
                         "--output")
+    later = [p.name for p in list_checkpoints(out) if int(p.name.split("-")[1]) > step]
+    if later:
+        raise UserError(f"--resume {checkpoint}: {out} also holds later checkpoints ({', '.join(later)}) that this "
+                        "run would mix with its own; resume the latest, or move those away first")
     return checkpoint
+
+
+def refuse_overwriting_inputs(config, out: Path) -> None:
+    """--overwrite never touches the run's own inputs: refuse when one of them lives inside the folder."""
+    inputs = [config.data.images, config.data.validation_images, config.prior.class_images,
+              config.data.latent_cache_dir]
+    root = out.resolve()
+    for value in filter(None, inputs):
+        path = Path(value).expanduser().resolve()
+        if path == root or root in path.parents:
+            raise UserError(f"--overwrite would clear {out}, which holds this run's input {value}; choose another "
+                            "--output")
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -82,12 +121,31 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def claim_output_folder(config, is_main_process: bool = True) -> None:
-    """The run's first write: with --overwrite, clear the older run in the folder; then create the folder."""
+    """The run's first write: with --overwrite, remove the older run's entries (RUN_ENTRIES and the exports its
+    summary.json lists; nothing else); then create the folder."""
     out = Path(config.output.output)
-    if is_main_process:
-        if config.output.overwrite and not config.output.resume and run_markers(out):
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+    if not is_main_process:
+        return
+    if config.output.overwrite and not config.output.resume and run_markers(out):
+        for path in [out / name for name in RUN_ENTRIES] + _listed_exports(out):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _listed_exports(out: Path) -> list[Path]:
+    """The files and folders an older finished run exported, as its summary.json lists them (inside `out`)."""
+    import json
+
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return []
+    root = out.resolve()
+    listed = [Path(p) for paths in (summary.get("exports") or {}).values() for p in paths]
+    return [p for p in listed if root in p.resolve().parents]
 
 
 def _saved_run_config(checkpoint: Path) -> dict | None:
@@ -95,7 +153,7 @@ def _saved_run_config(checkpoint: Path) -> dict | None:
     import yaml
 
     saved = Path(checkpoint).parent.parent / "config.yaml"
-    if Path(checkpoint).parent.name != checkpoints_dir(Path(".")).name or not saved.is_file():
+    if Path(checkpoint).parent.name != "checkpoints" or not saved.is_file():
         return None
     return yaml.safe_load(saved.read_text())
 

@@ -20,10 +20,11 @@ from .formats.file_modes import apply_umask
 from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .losses import min_snr_weights, per_sample_loss, prediction_target
 from .models import Components, load_components, resolve_base
-from .optimizers import make_optimizer, set_training_mode
+from .optimizers import averaged_weights, make_optimizer, set_training_mode
 from .prior import ensure_class_images
 from .run_folder import check_output_folder, claim_output_folder
 from .strategies import build_strategy
+from .strategies.base import check_formats
 from .validation import ValidationSet, split_validation
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,17 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
 
     config.validate()
     started = time.time()
-    # Only reads: a folder holding another run, or a resume that does not fit, fails before anything is written.
+    # Only reads: a folder holding another run, a resume that does not fit, a bad --model, unreadable images or
+    # an unknown export format fail in a second, before anything is written or loaded.
     resume_from = check_output_folder(config)
+    resolve_base(config.model.name)
+    formats = check_formats(config)
+    examples = load_examples(config.data.images, config.data.prompt, config.data.token, config.data.class_word,
+                             keep_alpha=config.data.alpha_mask)
+    examples, held_out = split_validation(examples, config.data.validation_share)
+    if config.data.validation_images:
+        held_out = load_examples(config.data.validation_images, config.data.prompt, config.data.token,
+                                 config.data.class_word, flag="--validation-images")
     word = None
     if pivotal.enabled(config):
         # Phase 1 is a whole run of its own (own accelerator state) inside this run's folder: it must finish
@@ -73,15 +83,6 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     refuse_sharded_backends(accelerator.distributed_type)
-    resolve_base(config.model.name)  # a bad --model fails here, before any work
-
-    # Check the user's input before the slow model load, so mistakes fail in a second.
-    examples = load_examples(config.data.images, config.data.prompt, config.data.token, config.data.class_word,
-                             keep_alpha=config.data.alpha_mask)
-    examples, held_out = split_validation(examples, config.data.validation_share)
-    if config.data.validation_images:
-        held_out = load_examples(config.data.validation_images, config.data.prompt, config.data.token,
-                                 config.data.class_word, flag="--validation-images")
     if components is None:
         components = load_components(config.model.name, config.model.single_file_config)
     if word is not None:
@@ -111,11 +112,6 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                                         cache_latents=config.data.cache_latents, device=accelerator.device,
                                         dtype=weight_dtype, sample_posterior=sample_posterior)
     strategy = build_strategy(config)
-    formats = config.output.formats or list(strategy.default_formats)
-    unknown = [f for f in formats if f not in strategy.formats]
-    if unknown:  # checked before training, so a typo never costs a run
-        raise UserError(f"output.formats: {', '.join(unknown)} not written by {config.method} "
-                        f"(choose from {', '.join(strategy.formats)})")
     torch.manual_seed(tcfg.seed)  # adapter initialisation (e.g. LoRA's A matrices) depends on --seed only
     strategy.prepare(components)
     trainable = strategy.trainable_modules()
@@ -345,9 +341,9 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             if done % config.output.validation_every == 0 or done == tcfg.steps:
                 validate(done)
             if config.output.sample_every and done % config.output.sample_every == 0 and done < tcfg.steps:
-                set_training_mode(optimizer, False)  # schedule-free: sample the averaged weights
-                _write_samples(accelerator, config, components, strategy, text_encoder, unet, out, done, resolution)
-                set_training_mode(optimizer, True)
+                with averaged_weights(optimizer, trained_params):  # schedule-free: sample the averaged point
+                    _write_samples(accelerator, config, components, strategy, text_encoder, unet, out, done,
+                                   resolution)
 
     summary = {}
     set_training_mode(optimizer, False)  # schedule-free: samples and exports use the averaged weights

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import zipfile
 from pathlib import Path
@@ -53,8 +54,13 @@ def test_a_folder_holding_a_run_is_refused_then_overwritten_on_request(finished_
     assert str(finished_run) in message and "--resume latest" in message and "--overwrite" in message
     assert _fingerprint(finished_run) == before
 
+    (finished_run / "notes.txt").write_text("the user's own file")
+    inside = finished_run / "my_images"
+    shutil.copytree(star_images, inside)
+    assert "input" in _one_line_error(capsys, _lora(inside, finished_run, "--overwrite"))
     assert main(_lora(star_images, finished_run, "--rank", "8", "--overwrite")) == 0
     assert not (finished_run / "checkpoints").exists(), "the older run's checkpoints survived --overwrite"
+    assert (finished_run / "notes.txt").read_text() == "the user's own file" and (inside / "00.png").is_file()
     saved = (finished_run / "config.yaml").read_text()
     assert "rank: 8" in saved and "overwrite: false" in saved  # re-running config.yaml never clears a folder
 
@@ -77,6 +83,8 @@ def test_resume_refuses_other_settings_and_fewer_steps(finished_run, star_images
     assert "lora.rank: 4 -> 8" in message
     message = _one_line_error(capsys, [*_lora(star_images, finished_run, "--resume", "latest"), "--steps", "1"])
     assert "--steps 1 is below" in message and "step-2" in message
+    older = str(finished_run / "checkpoints" / "step-1")
+    assert "later checkpoints (step-2)" in _one_line_error(capsys, _lora(star_images, finished_run, "--resume", older))
     assert _fingerprint(finished_run) == before  # config.yaml included: a failed start rewrites nothing
 
     # More steps with the same settings: resumes from step 2.
@@ -150,21 +158,30 @@ def test_broken_files_are_one_line_errors_and_debug_shows_the_traceback(tmp_path
         main(["--debug", "generate", "--prompt", "x", "--adapter", str(damaged), "--output", png])
 
 
-def test_a_full_disk_while_checkpointing_keeps_the_earlier_checkpoint(tmp_path, star_images, capsys, monkeypatch):
-    import finetune.checkpoint as checkpoint
+@pytest.mark.parametrize("writer_error", ["oserror", "safetensors"])
+def test_a_full_disk_while_checkpointing_keeps_the_earlier_checkpoint(tmp_path, star_images, capsys, monkeypatch,
+                                                                      writer_error):
+    """The disk fills while the second checkpoint is written (each writer reports it its own way)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
 
-    real_fsync, calls = checkpoint._fsync_dir, []
+    real_save, calls = safetensors.torch.save_file, []
 
-    def fill_up(folder):
-        calls.append(folder)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "adapter.safetensors"))
-        real_fsync(folder)
+    def fill_up(tensors, filename, *args, **kwargs):
+        if Path(filename).name == "adapter.safetensors":
+            calls.append(filename)
+            if len(calls) == 2:
+                real_save({k: v[:0] for k, v in tensors.items()}, filename)  # a fragment is on disk already
+                if writer_error == "oserror":
+                    raise OSError(errno.ENOSPC, "No space left on device", filename)
+                raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                      'message: "No space left on device" })')
+        return real_save(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "_fsync_dir", fill_up)
+    monkeypatch.setattr(safetensors.torch, "save_file", fill_up)
     out = tmp_path / "out"
     message = _one_line_error(capsys, [*_lora(star_images, out, "--checkpoint-every", "1"), "--steps", "3"])
-    assert "step 2" in message and "No space left" in message and "step-1" in message
+    assert "step 2" in message and "no space left" in message and "step-1" in message
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]  # no .tmp-step-2 left behind
     assert json.loads((out / "checkpoints" / "step-1" / "trainer_state.json").read_text())["step"] == 1
 
@@ -230,9 +247,10 @@ def test_captions_bom_encoding_and_length(tmp_path, caplog):
         warn_long_captions(load_examples(str(tmp_path), "x", "sks", ""), build_clip_tokenizer())
     assert "a.png" in caplog.text and "very sks" in caplog.text
 
-    (tmp_path / "a.txt").write_bytes(b"first line\nbad \xe9 byte\n")
-    with pytest.raises(UserError, match=r"a\.txt:2: not UTF-8"):
-        load_examples(str(tmp_path), "x", "sks", "")
+    for text in (b"first line\nbad \xe9 byte\n", b"\xef\xbb\xbffirst line\nbad \xe9 byte\n"):
+        (tmp_path / "a.txt").write_bytes(text)
+        with pytest.raises(UserError, match=r"a\.txt:2: not UTF-8 text \(byte 0xe9\)"):
+            load_examples(str(tmp_path), "x", "sks", "")
 
 
 def test_link_loops_and_unreadable_files_are_counted_in_one_warning(tmp_path, caplog):
@@ -263,6 +281,8 @@ def _a1111_would_accept(path: Path) -> bool:
 @pytest.mark.parametrize("method, extra", [
     ("textual-inversion", ["--token", "<sks>", "--init-word", "star"]),
     ("hypernetwork", ["--token", "sks"]),
+    ("lora", ["--token", "sks", "--train-text-encoder"]),
+    ("dreambooth", ["--token", "sks", "--no-prior"]),
 ])
 def test_shared_exports_load_everywhere_and_carry_no_local_paths(tmp_path, star_images, method, extra):
     from safetensors import safe_open
@@ -274,16 +294,21 @@ def test_shared_exports_load_everywhere_and_carry_no_local_paths(tmp_path, star_
     summary = json.loads((out / "summary.json").read_text())
     if method == "hypernetwork":  # the safetensors twin is written only when asked for
         assert list(summary["exports"]) == ["a1111"] and summary["exports"]["a1111"][0].endswith(".pt")
+    local = [str(tmp_path), str(star_images), os.environ["SDFT_HOME"], str(Path.home()) + "/"]
     mask = os.umask(0o022)
     os.umask(mask)
-    for path in (Path(p) for paths in summary["exports"].values() for p in paths):
+    exported = [Path(p) for paths in summary["exports"].values() for p in paths]
+    files = [f for p in exported for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
+    for path in filter(Path.is_file, files):
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, f"{path.name} is not readable like other files"
         if path.suffix == ".pt":
             assert _a1111_would_accept(path), f"{path.name} holds records A1111's safe loader refuses"
             loaded = torch.load(path, weights_only=True)
             assert isinstance(loaded, dict)
             text = json.dumps(loaded, default=str)
-        else:
+        elif path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
                 text = json.dumps(handle.metadata())
-        assert str(tmp_path) not in text and str(Path.home()) + "/" not in text, f"{path.name} names a local path"
+        else:
+            text = path.read_text(errors="replace")
+        assert not [p for p in local if p in text], f"{path} names a local path"

@@ -297,8 +297,8 @@ def save_single_file(pipe, path, half: bool = False, metadata: dict[str, Any] | 
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(state, str(tmp), metadata=meta)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no multi-GB fragment behind
+    except Exception:
+        tmp.unlink(missing_ok=True)  # a full disk (any writer's error) leaves no multi-GB fragment behind
         raise
     tmp.replace(path)  # never leave a half-written checkpoint under the final name
     return path

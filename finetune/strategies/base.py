@@ -109,6 +109,21 @@ def build_strategy(config: "RunConfig") -> Strategy:
     return _REGISTRY[config.method](config)
 
 
+def check_formats(config: "RunConfig") -> list[str]:
+    """The export formats a run writes (output.formats, else the method's defaults); an unknown one is a
+    UserError before anything trains, so a typo never costs a run."""
+    from .. import UserError
+
+    _load_builtin()
+    cls = _REGISTRY[config.method]
+    formats = config.output.formats or list(cls.default_formats)
+    unknown = [f for f in formats if f not in cls.formats]
+    if unknown:
+        raise UserError(f"output.formats: {', '.join(unknown)} not written by {config.method} "
+                        f"(choose from {', '.join(cls.formats)})")
+    return formats
+
+
 def _load_builtin() -> None:
     """Import every strategy module named after a method (lazily, so `sdft --help` never loads torch)."""
     import importlib

@@ -70,6 +70,7 @@ class DreamBoothStrategy(StrategyDefaults):
             folder = Path(out_dir) / "pipeline"
             pipe = pipeline_from_components(self.components)
             pipe.save_pretrained(folder, safe_serialization=True)
+            drop_local_paths(folder)
             (folder / MARKER_FILE).write_text(json.dumps({
                 "train_text_encoder": self._train_te, "token": self.config.data.token,
                 "class_word": self.config.data.class_word}))
@@ -84,6 +85,16 @@ class DreamBoothStrategy(StrategyDefaults):
                                        "sdft_config": metadata.get("config", "")})
             written["single_file"] = [str(path)]
         return written
+
+
+def drop_local_paths(folder: Path) -> None:
+    """diffusers and transformers record where each part was loaded from (`_name_or_path`: the base's local
+    folder) in its config.json; a folder users share keeps no such path."""
+    for config_file in folder.rglob("*.json"):
+        data = json.loads(config_file.read_text())
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def can_load(path: Path) -> bool:

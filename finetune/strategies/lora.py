@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import shareable_name
 from ..formats import clip_module_path
 from ..formats import file_stem as shared_file_stem
 from ..formats import kohya_lora
@@ -173,7 +174,10 @@ class LoraStrategy(StrategyDefaults):
         return written
 
     def _adapter_metadata(self, model) -> dict:
-        return model.peft_config[self.adapter_name].to_dict()
+        adapter = model.peft_config[self.adapter_name].to_dict()
+        # peft records the base's local folder here; a shared file names it by its last component only.
+        adapter["base_model_name_or_path"] = shareable_name(adapter.get("base_model_name_or_path"))
+        return adapter
 
 
 def can_load(path: Path) -> bool:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from ..config import shareable_name
 from ..formats import embeddings
 from .base import register, register_loader
 
@@ -277,8 +276,6 @@ class TextualInversionStrategy:
         vectors = self.state_dict()[self.token]
         meta = dict(metadata)
         meta.setdefault("vectors", str(self.vectors))
-        if self.components is not None:
-            meta.setdefault("base_model", shareable_name(str(self.components.source)))
         written: dict[str, list[str]] = {}
         if "diffusers" in formats:
             path = embeddings.save_diffusers(out_dir / embeddings.DIFFUSERS_FILE, self.token, vectors, meta)

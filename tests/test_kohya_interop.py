@@ -138,3 +138,20 @@ def test_text_encoder_names_do_not_depend_on_the_transformers_version():
     for module in ("encoder.layers.0.self_attn.q_proj", "encoder.layers.11.mlp.fc2"):
         assert kohya_stem(module, "text_encoder") == kohya_stem(f"text_model.{module}", "text_encoder") \
             == "lora_te_text_model_" + module.replace(".", "_")
+
+
+def test_hypernetwork_file_is_keyed_by_the_context_widths_a1111_looks_up_on_sd15(sd15_parts):
+    """A1111 picks a hypernetwork's layers by the width of the attention context it is about to project:
+    768 for SD1.5's cross-attention (CLIP-L), 320/640/1280 for self-attention. A file trained on SD1.5's shapes
+    holds exactly those int keys, each a (K, V) pair whose first Linear takes that width."""
+    from finetune.formats.a1111_hypernetwork import a1111_dict
+    from finetune.hypernet import Hypernetwork, HypernetworkStructure, context_dims
+
+    unet, _ = sd15_parts
+    dims = context_dims(unet)
+    data = a1111_dict(Hypernetwork(dims, HypernetworkStructure()), {"step": 0})
+    widths = sorted(k for k in data if isinstance(k, int))
+    assert widths == [320, 640, 768, 1280] and dims[0] == 768  # cross-attention first, as A1111 lists it
+    for width in widths:
+        key_net, value_net = data[width]
+        assert key_net["linear.0.weight"].shape[1] == width and value_net["linear.0.weight"].shape[1] == width

@@ -39,8 +39,10 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def build_clip_tokenizer(max_length: int = 77):
-    """A CLIPTokenizer identical to openai/clip-vit-large-patch14's, with no download."""
+def build_clip_tokenizer(max_length: int = 77, pad_token: str = EOS):
+    """A CLIPTokenizer identical to openai/clip-vit-large-patch14's, with no download.
+
+    pad_token: SDXL's second tokenizer (OpenCLIP bigG's) pads with "!" instead of the end token."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()
@@ -53,7 +55,7 @@ def build_clip_tokenizer(max_length: int = 77):
         bos_token=BOS,
         eos_token=EOS,
         unk_token=EOS,
-        pad_token=EOS,
+        pad_token=pad_token,
     )
 
 

@@ -393,8 +393,8 @@ def saved_config_dict(config: RunConfig) -> dict:
 
 
 # Settings that hold local paths: files users share carry only their last name (no home folders, no user names).
-PATH_KEYS = ("model.name", "model.single_file_config", "data.images", "data.latent_cache_dir", "prior.class_images",
-             "output.output", "output.resume")
+PATH_KEYS = ("model.name", "model.single_file_config", "data.images", "data.validation_images", "data.latent_cache_dir",
+             "prior.class_images", "output.output", "output.resume")
 
 
 def shareable_name(value: str | None) -> str | None:

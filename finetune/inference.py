@@ -44,9 +44,13 @@ def load_adapter(pipe, path: str | Path, scale: float = 1.0) -> str:
     try:
         return load_into(pipe, str(path), scale)
     except (RuntimeError, ValueError) as exc:
-        if not SIZE_MISMATCH.search(str(exc)):
+        found = SIZE_MISMATCH.search(str(exc))
+        if not found:
             raise
-        raise UserError(f"--adapter {path} does not fit this base: {shape_mismatch(str(exc))}") from exc
+        name, theirs, ours = found.groups()
+        raise UserError(f"--adapter {path} does not fit this base: it holds {name} with shape {theirs} where this "
+                        f"base has {ours} (it was trained on a base of another size, e.g. SD 1.5 against SDXL or the "
+                        "toy base)") from exc
 
 
 def check_safetensors_file(path: Path, flag: str) -> None:
@@ -64,15 +68,6 @@ def check_safetensors_file(path: Path, flag: str) -> None:
 SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
                            r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
 
-
-def shape_mismatch(message: str) -> str:
-    """A loader's size-mismatch report as one clause: which tensor, the file's shape, the base's shape."""
-    found = SIZE_MISMATCH.search(message)
-    if found:
-        name, theirs, ours = found.groups()
-        return (f"it holds {name} with shape {theirs} where this base has {ours} (it was trained on a base "
-                "of another size, e.g. SD 1.5 against SDXL or the toy base)")
-    return " ".join(message.split())[:200]
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int = 25, guidance: float = 5.0,

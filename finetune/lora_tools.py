@@ -85,13 +85,14 @@ def parse_lora_scale(item: str) -> tuple[str, float]:
 def run_merge(args: argparse.Namespace) -> str:
     from .formats.file_modes import apply_umask
     from .formats.single_file import save_single_file
+    from .inference import check_safetensors_file
     from .models import load_pipeline
 
     output = Path(args.output)
     _refuse_existing(output)
     loras = [parse_lora_scale(item) for item in args.lora]
     for path, _ in loras:
-        _read(path)  # a damaged file fails before the base loads
+        check_safetensors_file(Path(path), "--lora")  # a damaged or missing file fails before the base loads
     pipe = load_pipeline(args.base)
     names = [f"merge_{index}" for index in range(len(loras))]
     for name, (path, _) in zip(names, loras):

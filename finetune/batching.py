@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import Example, to_training_tensor
+from .data import Example, crop_box, size_condition, to_training_tensor
+from .families import SizeCondition
 
 
 def sample_generator(seed: int, micro_step: int, position: int) -> torch.Generator:
@@ -69,6 +70,7 @@ class SampleSpec:
     index: int  # example index
     flip: bool
     generator: torch.Generator
+    size: SizeCondition | None = None  # where its crop came from (SDXL's conditioning); set with its latents
 
 
 class InstanceBatches:
@@ -118,8 +120,10 @@ class InstanceBatches:
     def _encode(self, spec: SampleSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Posterior mean and std of one sample, and its loss mask (None unless the image carries alpha)."""
         example = self.examples[spec.index]
-        pixels = to_training_tensor(example.image, self._bucket(spec.index) or self.resolution, self.center_crop,
-                                    spec.flip, spec.generator)
+        target = self._bucket(spec.index) or self.resolution
+        box = crop_box(example.image.size, target, self.center_crop, spec.generator)
+        spec.size = size_condition(example.image.size, target, box, spec.flip)
+        pixels = to_training_tensor(example.image, target, flip=spec.flip, box=box)
         alpha = None
         if pixels.shape[0] == 4:  # RGBA from --alpha-mask: the alpha channel becomes a loss mask
             pixels, alpha = pixels[:3], (pixels[3:] + 1.0) / 2.0
@@ -169,6 +173,9 @@ class InstanceBatches:
                 mean, std, mask = self._cached_encode(spec)
                 if self.cache_enabled:
                     self._cache[key] = (mean, std, mask)
+            if spec.size is None:  # read from a cache: a centre crop, whose geometry follows from the image size
+                image_size, target = self.examples[spec.index].image.size, self._bucket(spec.index) or self.resolution
+                spec.size = size_condition(image_size, target, crop_box(image_size, target), spec.flip)
             # Drawn in both modes, so the noise and timesteps that follow from this generator do not change.
             eps = torch.randn(mean.shape, generator=spec.generator).to(mean.device)
             out.append((mean + std * eps if self.sample_posterior else mean) * self.vae_scale)

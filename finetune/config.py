@@ -36,6 +36,10 @@ class ModelConfig:
                     "or a single-file .safetensors checkpoint", flag="model")
     single_file_config: str | None = opt(None, "diffusers folder or hub id with the configs for a "
                                          "single-file --model", flag="model-config")
+    family: str | None = opt(None, "the base's family (default: detected from a local folder or file; name it "
+                             "for an SDXL hub id)", choices=("sd", "sdxl"))
+    vae: str | None = opt(None, "use this VAE instead of the base's (a diffusers VAE folder or .safetensors file, "
+                          "e.g. an fp16-safe SDXL VAE)")
     prediction_type: str | None = opt(None, "override the scheduler's prediction type",
                                       choices=("epsilon", "v_prediction"))
     zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero terminal SNR (Lin et al. 2023; "
@@ -393,8 +397,8 @@ def saved_config_dict(config: RunConfig) -> dict:
 
 
 # Settings that hold local paths: files users share carry only their last name (no home folders, no user names).
-PATH_KEYS = ("model.name", "model.single_file_config", "data.images", "data.validation_images", "data.latent_cache_dir",
-             "prior.class_images", "output.output", "output.resume")
+PATH_KEYS = ("model.name", "model.single_file_config", "model.vae", "data.images", "data.validation_images",
+             "data.latent_cache_dir", "prior.class_images", "output.output", "output.resume")
 
 
 def shareable_name(value: str | None) -> str | None:

@@ -238,10 +238,41 @@ def read_caption_file(image_path: Path, token: str, class_word: str) -> str | No
     return None
 
 
+def crop_box(image_size: tuple[int, int], resolution: int | tuple[int, int], center_crop: bool = True,
+             generator=None) -> tuple[tuple[int, int], int, int]:
+    """Where a training crop comes from: the (width, height) the image is resized to (covering `resolution`
+    with its aspect ratio kept) and the crop's left and top in that resized image. A random crop draws its
+    corner from `generator`."""
+    import torch
+
+    out_w, out_h = (resolution, resolution) if isinstance(resolution, int) else resolution
+    w, h = image_size
+    scale = max(out_w / w, out_h / h)
+    size = (max(out_w, round(w * scale)), max(out_h, round(h * scale)))
+    if center_crop:
+        return size, (size[0] - out_w) // 2, (size[1] - out_h) // 2
+    left = int(torch.randint(0, size[0] - out_w + 1, (1,), generator=generator))
+    top = int(torch.randint(0, size[1] - out_h + 1, (1,), generator=generator))
+    return size, left, top
+
+
+def size_condition(image_size: tuple[int, int], resolution: int | tuple[int, int], box, flip: bool):
+    """SDXL's size conditioning of one crop (finetune.families.SizeCondition): the image's own size, the crop's
+    top-left (mirrored when the crop is flipped, so it still names the part of the image the sample shows) and
+    the target size."""
+    from .families import SizeCondition
+
+    out_w, out_h = (resolution, resolution) if isinstance(resolution, int) else resolution
+    (resized_w, _), left, top = box
+    if flip:
+        left = resized_w - left - out_w
+    return SizeCondition((image_size[1], image_size[0]), (top, left), (out_h, out_w))
+
+
 def to_training_tensor(image, resolution: int | tuple[int, int], center_crop: bool = True, flip: bool = False,
-                       generator=None):
+                       generator=None, box=None):
     """Resize to cover `resolution` (a square side, or a (width, height) bucket) keeping the aspect ratio,
-    crop to it, optionally flip; float tensor in [-1, 1].
+    crop to it, optionally flip; float tensor in [-1, 1]. `box` (from crop_box) fixes the crop instead.
 
     An RGBA image gives 4 channels; the alpha channel goes through the same resize, crop and flip.
     """
@@ -250,15 +281,8 @@ def to_training_tensor(image, resolution: int | tuple[int, int], center_crop: bo
     from PIL import Image
 
     out_w, out_h = (resolution, resolution) if isinstance(resolution, int) else resolution
-    w, h = image.size
-    scale = max(out_w / w, out_h / h)
-    size = (max(out_w, round(w * scale)), max(out_h, round(h * scale)))
-    img = image.resize(size, Image.Resampling.LANCZOS) if size != (w, h) else image
-    if center_crop:
-        left, top = (img.width - out_w) // 2, (img.height - out_h) // 2
-    else:
-        left = int(torch.randint(0, img.width - out_w + 1, (1,), generator=generator))
-        top = int(torch.randint(0, img.height - out_h + 1, (1,), generator=generator))
+    size, left, top = box or crop_box(image.size, resolution, center_crop, generator)
+    img = image.resize(size, Image.Resampling.LANCZOS) if size != image.size else image
     img = img.crop((left, top, left + out_w, top + out_h))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -8,16 +8,14 @@ from pathlib import Path
 from . import UserError
 
 
-def pipeline_from_components(components, text_encoder=None, unet=None):
-    """A StableDiffusionPipeline over the (possibly adapted) training components, DDIM sampler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def pipeline_from_components(components, text_encoders=None, unet=None):
+    """A pipeline of the base's family over the (possibly adapted) training components, DDIM sampler (which
+    follows the components' prediction type and zero-terminal-SNR schedule)."""
+    from diffusers import DDIMScheduler
 
-    return StableDiffusionPipeline(
-        vae=components.vae, text_encoder=text_encoder or components.text_encoder,
-        tokenizer=components.tokenizer, unet=unet or components.unet,
-        scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return components.family.assemble_pipeline(
+        components.vae, components.tokenizers, text_encoders or components.text_encoders, unet or components.unet,
+        DDIMScheduler.from_config(components.noise_scheduler.config))
 
 
 def detect_adapter_kind(path: str | Path) -> str:

@@ -1,10 +1,11 @@
-"""Load a Stable Diffusion base: a hub id, a local diffusers folder, a single-file checkpoint,
-or the built-in offline `tiny` base."""
+"""Load a Stable Diffusion base (SD 1.x/2.x or SDXL): a hub id, a local diffusers folder, a single-file
+checkpoint, or the built-in offline `tiny` base. The loaded base's family (finetune.families) is detected from
+its files, or named with model.family."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +18,34 @@ TINY_VERSION = "v5-toyworld"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
+def _sd_family():
+    from .families import family_named
+
+    return family_named("sd")
+
+
 @dataclass
 class Components:
     """The parts of a Stable Diffusion pipeline that training touches."""
 
-    tokenizer: Any
-    text_encoder: Any
+    tokenizers: list  # one per text encoder, in the family's order
+    text_encoders: list
     vae: Any
     unet: Any
     noise_scheduler: Any
     source: str  # a hub id or a local diffusers folder that from_pretrained can open
     resolution: int  # the base's native image size in pixels
+    family: Any = field(default_factory=_sd_family)  # finetune.families.Family
+
+    @property
+    def tokenizer(self):
+        """The first tokenizer (SD 1.x/2.x have only this one)."""
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self):
+        """The first text encoder (SD 1.x/2.x have only this one; SDXL's CLIP-L)."""
+        return self.text_encoders[0]
 
     @property
     def vae_scale(self) -> float:
@@ -162,7 +180,7 @@ def resolve_base(name: str) -> str:
 
 
 # Parts a Stable Diffusion pipeline cannot run without (model_index.json may list optional ones as null).
-REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 
 
 def check_pipeline_folder(path: Path, name: str) -> None:
@@ -180,16 +198,44 @@ def check_pipeline_folder(path: Path, name: str) -> None:
                         "model_index.json names; copy the whole pipeline folder")
 
 
-def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = None):
-    """Load a full StableDiffusionPipeline for `name` (see resolve_base)."""
-    from diffusers import StableDiffusionPipeline
+def detect_family_name(source: str) -> str | None:
+    """'sdxl' or 'sd' for a local diffusers folder or single file (from its pipeline class or its keys);
+    None for a hub id, whose files are not here to read."""
+    import json
+
+    path = Path(source)
+    if path.is_dir():
+        if is_toy_base_folder(path):
+            return "sd"
+        index = json.loads((path / "model_index.json").read_text())
+        return "sdxl" if "XL" in str(index.get("_class_name", "")) else "sd"
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            # SDXL's original layout keeps its two encoders under conditioner.embedders.{0,1}.
+            return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in handle.keys()) else "sd"
+    if path.suffix == ".ckpt":
+        return "sd"
+    return None
+
+
+def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = None, family: str | None = None):
+    """Load a full pipeline of the base's family for `name` (see resolve_base); `family` ('sd'/'sdxl')
+    overrides the detection (needed for a hub id's SDXL)."""
+    from diffusers import DiffusionPipeline
+
+    from .families import family_named
 
     source = resolve_base(name)
     quiet_hf_progress_bars()
     if is_toy_base_folder(Path(source)):
         pipe = build_toy_pipeline(Path(source))
         return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
-    kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False)
+    family = family or detect_family_name(source)
+    pipeline_class = family_named(family).pipeline_class() if family else DiffusionPipeline
+    kwargs: dict[str, Any] = dict(add_watermarker=False) if family == "sdxl" else \
+        dict(safety_checker=None, requires_safety_checker=False)
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:
@@ -198,8 +244,8 @@ def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = 
                 # A local folder supplies every config, so nothing is fetched and any shape loads.
                 kwargs["config"] = str(resolve_base(single_file_config))
                 kwargs["local_files_only"] = Path(kwargs["config"]).is_dir()
-            return StableDiffusionPipeline.from_single_file(source, **kwargs)
-        return StableDiffusionPipeline.from_pretrained(source, **kwargs)
+            return pipeline_class.from_single_file(source, **kwargs)
+        return pipeline_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         if "/" in source and not Path(source).exists():
             raise UserError(f"--model {name}: could not load it from the hub ({type(exc).__name__}); "
@@ -211,19 +257,59 @@ def components_from_pipeline(pipe, source: str) -> Components:
     """Frozen, eval-mode training components taken from a pipeline."""
     from diffusers import DDPMScheduler
 
-    for module in (pipe.text_encoder, pipe.vae, pipe.unet):
+    from .families import family_of_pipeline
+
+    family = family_of_pipeline(pipe)
+    text_encoders = [getattr(pipe, part) for part in family.text_encoder_parts]
+    for module in (*text_encoders, pipe.vae, pipe.unet):
         module.requires_grad_(False)
         module.eval()
     resolution = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
     return Components(
-        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), source=source, resolution=resolution,
+        tokenizers=[getattr(pipe, part) for part in family.tokenizer_parts], text_encoders=text_encoders,
+        vae=pipe.vae, unet=pipe.unet, noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        source=source, resolution=resolution, family=family,
     )
 
 
-def load_components(name: str, single_file_config: str | None = None) -> Components:
+def apply_model_options(components: Components, model) -> None:
+    """Carry model.prediction_type / zero_terminal_snr into the components' schedule (so training, samples,
+    class images and the exported pipeline all use them) and swap in model.vae when given."""
+    from diffusers import DDPMScheduler
+
+    overrides: dict[str, Any] = {}
+    if model.prediction_type:
+        overrides["prediction_type"] = model.prediction_type
+    if model.zero_terminal_snr:
+        # Lin et al. 2023: rescaled betas, and samplers that start from the last timestep ("trailing").
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if overrides:
+        components.noise_scheduler = DDPMScheduler.from_config(components.noise_scheduler.config, **overrides)
+    if model.vae:
+        components.vae = load_vae(model.vae)
+
+
+def load_vae(name: str):
+    """A replacement VAE (e.g. an fp16-safe SDXL VAE): a diffusers VAE folder or a single .safetensors file."""
+    from diffusers import AutoencoderKL
+
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir():
+            vae = AutoencoderKL.from_pretrained(path)
+        elif path.suffix == ".safetensors" and path.is_file():
+            vae = AutoencoderKL.from_single_file(str(path))
+        else:
+            raise UserError(f"--vae {name}: pass a diffusers VAE folder (with config.json) or a .safetensors file")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--vae {name}: could not be loaded ({' '.join(str(exc).split())[:200]})") from exc
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+def load_components(name: str, single_file_config: str | None = None, family: str | None = None) -> Components:
     """Load the trainable parts of the base `name`, all frozen, in float32 on the CPU."""
-    pipe = load_pipeline(name, single_file_config=single_file_config)
+    pipe = load_pipeline(name, single_file_config=single_file_config, family=family)
     source = resolve_base(name)
     if Path(source).suffix in SINGLE_FILE_SUFFIXES:
         # Summaries name a folder from_pretrained can open: convert the file once into the cache.

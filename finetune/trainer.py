@@ -18,8 +18,9 @@ from .data import format_prompt, load_examples, warn_long_captions, warn_small_i
 from .ema import TrainedWeightsEMA
 from .formats.file_modes import apply_umask
 from .interrupt import StopOnInterrupt, TrainingInterrupted
-from .losses import min_snr_weights, per_sample_loss, prediction_target
-from .models import Components, load_components, resolve_base
+from .diffusion_step import StepMaths, sample_losses
+from .families import PromptEmbeds
+from .models import Components, apply_model_options, load_components, resolve_base
 from .optimizers import averaged_weights, make_optimizer, set_training_mode
 from .prior import ensure_class_images
 from .run_folder import check_output_folder, claim_output_folder
@@ -84,7 +85,9 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     )
     refuse_sharded_backends(accelerator.distributed_type)
     if components is None:
-        components = load_components(config.model.name, config.model.single_file_config)
+        components = load_components(config.model.name, config.model.single_file_config, config.model.family)
+    apply_model_options(components, config.model)
+    family = components.family
     if word is not None:
         word.install(components)
     resolution = config.data.resolution or components.resolution
@@ -93,12 +96,15 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                         "factor")
     warn_small_images(examples, resolution)
     warn_long_captions(examples, components.tokenizer)
-    prediction_type = config.model.prediction_type or components.noise_scheduler.config.prediction_type
+    prediction_type = components.noise_scheduler.config.prediction_type
 
     # Frozen weights may live in half precision; trained ones stay float32 (set after prepare()).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (components.vae, components.text_encoder, components.unet):
+    for module in (*components.text_encoders, components.unet):
         module.to(accelerator.device, dtype=weight_dtype)
+    # SDXL's own VAE overflows in fp16: it stays float32 unless --vae replaced it (e.g. by an fp16-safe one).
+    vae_dtype = torch.float32 if family.vae_needs_float32 and not config.model.vae else weight_dtype
+    components.vae.to(accelerator.device, dtype=vae_dtype)
     sample_posterior = config.data.vae_posterior == "sample"
     class_batches, class_generated, class_folder = None, 0, None
     if config.prior.enabled:
@@ -110,7 +116,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                                         components.vae_scale, resolution, center_crop=config.data.center_crop,
                                         random_flip=config.data.random_flip,
                                         cache_latents=config.data.cache_latents, device=accelerator.device,
-                                        dtype=weight_dtype, sample_posterior=sample_posterior)
+                                        dtype=vae_dtype, sample_posterior=sample_posterior)
     strategy = build_strategy(config)
     torch.manual_seed(tcfg.seed)  # adapter initialisation (e.g. LoRA's A matrices) depends on --seed only
     strategy.prepare(components)
@@ -123,17 +129,18 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     if tcfg.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if strategy.trains_text_encoder():
-            components.text_encoder.gradient_checkpointing_enable()
+            for encoder in components.text_encoders:
+                encoder.gradient_checkpointing_enable()
 
     disk_cache = None
     if config.data.latent_cache_dir and config.data.cache_latents:
         from .latent_cache import DiskLatentCache
 
         disk_cache = DiskLatentCache(config.data.latent_cache_dir, components.vae, resolution, config.data.center_crop,
-                                     weight_dtype)
+                                     vae_dtype)
     batches = InstanceBatches(examples, components.vae, components.vae_scale, resolution,
                               center_crop=config.data.center_crop, random_flip=config.data.random_flip,
-                              cache_latents=config.data.cache_latents, device=accelerator.device, dtype=weight_dtype,
+                              cache_latents=config.data.cache_latents, device=accelerator.device, dtype=vae_dtype,
                               disk_cache=disk_cache, sizes=_bucket_sizes(config, examples, resolution),
                               sample_posterior=sample_posterior)
     fill_started = time.perf_counter()
@@ -141,7 +148,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     if class_batches is not None:
         class_batches.fill_cache("caching class latents")
     cache_fill_s = time.perf_counter() - fill_started
-    text_cache: dict[str, torch.Tensor] = {}
+    text_cache: dict[str, tuple] = {}  # prompt -> (hidden states, pooled embedding or None)
     class_caption_options = CaptionOptions(dropout=config.prior.caption_dropout)
     caption_options = CaptionOptions(config.data.caption_dropout, config.data.shuffle_captions,
                                      config.data.keep_tokens)
@@ -154,14 +161,14 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     prepared = accelerator.prepare(*trainable, optimizer, lr_scheduler)
     wrapped, optimizer, lr_scheduler = list(prepared[: len(trainable)]), prepared[-2], prepared[-1]
     unet = wrapped[0] if trainable[0] is components.unet else components.unet
-    text_encoder = next((w for w, m in zip(wrapped, trainable) if m is components.text_encoder),
-                        components.text_encoder)
+    text_encoders = [next((w for w, m in zip(wrapped, trainable) if m is encoder), encoder)
+                     for encoder in components.text_encoders]
     trained_params = [p for group in optimizer.param_groups for p in group["params"]]
     ema = TrainedWeightsEMA(trained_params, tcfg.ema_decay, tcfg.ema_on_cpu) if tcfg.ema_decay > 0 else None
     _register_adapter_hooks(accelerator, strategy, ema)
     # Parameters reached through hooks (e.g. hypernetworks inside attention processors) never pass through
     # DDP's forward, so DDP does not average their gradients: do it by hand.
-    unsynced = [p for m in trainable if m is not components.unet and m is not components.text_encoder
+    unsynced = [p for m in trainable if m is not components.unet and all(m is not e for e in components.text_encoders)
                 for p in m.parameters() if p.requires_grad] if accelerator.num_processes > 1 else []
 
     start_step, history = 0, {"steps": [], "losses": []}
@@ -178,66 +185,45 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         accelerator.init_trackers("sdft", config=_flat_hparams(config))
     accelerator.wait_for_everyone()
 
-    def encode_text(captions: list[str], encoder=None) -> torch.Tensor:
+    def encode_text(captions: list[str], encoders=None) -> PromptEmbeds:
+        """The family's text conditioning of the captions; cached per prompt while the encoders are frozen."""
         prompts = [strategy.expand_prompt(word.expand(c) if word else c) for c in captions]
         if strategy.trains_text_encoder():
-            return (encoder or text_encoder)(_tokenize(components.tokenizer, prompts, accelerator.device))[0]
+            return family.encode_prompts(components.tokenizers, encoders or text_encoders, prompts,
+                                         accelerator.device)
         missing = [p for p in dict.fromkeys(prompts) if p not in text_cache]
         if missing:
             with torch.no_grad():
-                hidden = components.text_encoder(_tokenize(components.tokenizer, missing, accelerator.device))[0]
-            text_cache.update(zip(missing, hidden))
-        return torch.stack([text_cache[p] for p in prompts])
+                embeds = family.encode_prompts(components.tokenizers, components.text_encoders, missing,
+                                               accelerator.device)
+            text_cache.update(zip(missing, embeds.rows()))
+        return PromptEmbeds.stack([text_cache[p] for p in prompts])
 
-    scheduler = components.noise_scheduler
-    if config.model.zero_terminal_snr:
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)
-    num_timesteps = scheduler.config.num_train_timesteps
+    maths = StepMaths(components.noise_scheduler, prediction_type, tcfg,
+                      config.data.unmasked_weight if config.data.alpha_mask else None, accelerator.device)
+    scheduler, num_timesteps = maths.scheduler, maths.num_timesteps
 
     def _sample_losses(latents: torch.Tensor, masks: torch.Tensor, specs, captions: list[str]) -> torch.Tensor:
-        """Per-sample (weighted) losses of one UNet call; noise and timesteps come from each sample's generator."""
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=s.generator) for s in specs])
-        if tcfg.noise_offset:
-            offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=s.generator) for s in specs])
-            noise = noise + tcfg.noise_offset * offset
-        noise = noise.to(accelerator.device)
-        timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=s.generator)
-                               for s in specs]).to(accelerator.device)
-        input_noise = noise
-        if tcfg.input_perturbation:
-            # Perturb only what the UNet sees; the target stays the original noise.
-            extra = torch.stack([torch.randn(latents.shape[1:], generator=s.generator) for s in specs])
-            input_noise = noise + tcfg.input_perturbation * extra.to(noise.device)
-        noisy = scheduler.add_noise(latents, input_noise, timesteps)
-        with accelerator.autocast():
-            hidden = encode_text(captions)
-            pred = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype)).sample
-        target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
-        loss_mask = None
-        if config.data.alpha_mask:
-            # Masked-out cells keep a share of the loss (--unmasked-weight): some context is still learned.
-            floor = config.data.unmasked_weight
-            loss_mask = floor + (1.0 - floor) * masks.to(pred.device)
-        losses = per_sample_loss(pred, target, tcfg.loss, tcfg.huber_delta, loss_mask)
-        if tcfg.snr_gamma:
-            losses = losses * min_snr_weights(scheduler, timesteps, tcfg.snr_gamma, prediction_type)
-        return losses
+        def predict(noisy, timesteps):
+            with accelerator.autocast():
+                return family.predict(unet, noisy, timesteps, encode_text(captions), [s.size for s in specs],
+                                      weight_dtype)
+
+        return sample_losses(maths, latents, masks, specs, predict)
     validation = None
     if held_out and accelerator.is_main_process:
         validation = ValidationSet(held_out, components.vae, components.vae_scale, resolution, num_timesteps,
-                                   config.output.validation_timesteps, accelerator.device, weight_dtype)
+                                   config.output.validation_timesteps, accelerator.device, vae_dtype)
 
     def validate(step: int) -> None:
         """The held-out loss on the main process, through the unwrapped models (no collective operation)."""
         if validation is None:
             return
-        plain_unet, plain_text = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        plain_unet = accelerator.unwrap_model(unet)
+        plain_text = [accelerator.unwrap_model(encoder) for encoder in text_encoders]
 
-        def predict(noisy, t, captions):
-            hidden = encode_text(captions, plain_text)
-            return plain_unet(noisy.to(weight_dtype), t, hidden.to(weight_dtype)).sample
+        def predict(noisy, t, captions, sizes):
+            return family.predict(plain_unet, noisy, t, encode_text(captions, plain_text), sizes, weight_dtype)
 
         modes = [(m, m.training) for m in trainable]
         for module, _ in modes:
@@ -342,7 +328,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                 validate(done)
             if config.output.sample_every and done % config.output.sample_every == 0 and done < tcfg.steps:
                 with averaged_weights(optimizer, trained_params):  # schedule-free: sample the averaged point
-                    _write_samples(accelerator, config, components, strategy, text_encoder, unet, out, done,
+                    _write_samples(accelerator, config, components, strategy, text_encoders, unet, out, done,
                                    resolution)
 
     summary = {}
@@ -361,7 +347,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         loss_plot(history["steps"], history["losses"], out / "loss.png", f"sdft {config.method} loss",
                   validation=(history.get("val_steps", []), history.get("val_losses", [])))
         try:
-            samples = _write_samples(accelerator, config, components, strategy, text_encoder, unet, out,
+            samples = _write_samples(accelerator, config, components, strategy, text_encoders, unet, out,
                                      tcfg.steps, resolution)
         except Exception as exc:  # noqa: BLE001 - any failure of the final grid; the exports above are written
             log.warning("the final sample grid failed (%s: %s); the exports are written", type(exc).__name__, exc)
@@ -438,11 +424,6 @@ def _bucket_sizes(config: RunConfig, examples, resolution: int) -> list[tuple[in
     return sizes
 
 
-def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
-
-
 def _register_adapter_hooks(accelerator, strategy, ema=None) -> None:
     """Make accelerate's save_state/load_state store only the strategy's trained state (and its EMA)."""
     from safetensors.torch import load_file, save_file
@@ -465,7 +446,7 @@ def _register_adapter_hooks(accelerator, strategy, ema=None) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def _write_samples(accelerator, config, components, strategy, text_encoder, unet, out: Path, step: int,
+def _write_samples(accelerator, config, components, strategy, text_encoders, unet, out: Path, step: int,
                    resolution: int) -> str | None:
     """Generate the sample prompts on fixed seeds and save them as one grid PNG (no seeds: no samples)."""
     if not accelerator.is_main_process or not config.output.sample_seeds:
@@ -476,10 +457,10 @@ def _write_samples(accelerator, config, components, strategy, text_encoder, unet
     # {token} and {class} in sample prompts follow --token/--class-word, so a recipe's samples survive an override.
     prompts = [format_prompt(p, config.data.token, config.data.class_word)
                for p in config.output.sample_prompts or [config.data.prompt]]
-    pipe = pipeline_from_components(components, accelerator.unwrap_model(text_encoder),
-                                    accelerator.unwrap_model(unet))
+    plain_text = [accelerator.unwrap_model(encoder) for encoder in text_encoders]
+    pipe = pipeline_from_components(components, plain_text, accelerator.unwrap_model(unet))
     pipe.set_progress_bar_config(disable=True)
-    modules = [pipe.unet, pipe.text_encoder, *strategy.trainable_modules()]
+    modules = [pipe.unet, *plain_text, *strategy.trainable_modules()]
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()

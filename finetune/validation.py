@@ -34,9 +34,11 @@ class ValidationSet:
 
     def __init__(self, examples: list[Example], vae, vae_scale: float, resolution: int, num_timesteps: int,
                  timesteps: int, device, dtype) -> None:
-        from .data import to_training_tensor
+        from .data import crop_box, size_condition, to_training_tensor
 
         self.captions = [e.caption for e in examples]
+        self.sizes = [size_condition(e.image.size, resolution, crop_box(e.image.size, resolution), False)
+                      for e in examples]
         with torch.no_grad():
             pixels = torch.stack([to_training_tensor(e.image.convert("RGB"), resolution) for e in examples])
             self.latents = vae.encode(pixels.to(device, dtype)).latent_dist.mean.float() * vae_scale
@@ -46,7 +48,7 @@ class ValidationSet:
         self.timesteps = [int(num_timesteps * (2 * i + 1) / (2 * timesteps)) for i in range(timesteps)]
 
     def loss(self, predict, scheduler, prediction_type: str) -> float:
-        """Mean squared error over every image and timestep; `predict(noisy, t, captions)` runs the model."""
+        """Mean squared error over every image and timestep; `predict(noisy, t, captions, sizes)` runs the model."""
         from .losses import prediction_target
 
         total = 0.0
@@ -55,5 +57,5 @@ class ValidationSet:
                 t = torch.full((len(self.captions),), step, dtype=torch.long, device=self.latents.device)
                 noisy = scheduler.add_noise(self.latents, self.noise, t)
                 target = prediction_target(scheduler, self.latents, self.noise, t, prediction_type)
-                total += torch.mean((predict(noisy, t, self.captions).float() - target.float()) ** 2).item()
+                total += torch.mean((predict(noisy, t, self.captions, self.sizes).float() - target.float()) ** 2).item()
         return total / len(self.timesteps)

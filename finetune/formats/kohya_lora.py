@@ -9,7 +9,6 @@ import torch
 from . import clip_module_path
 
 # kohya's text-encoder names keep CLIP's `text_model.` level, whichever transformers version trained.
-TEXT_ENCODER_PREFIX = "lora_te_text_model_"
 UNET_PREFIX = "lora_unet_"
 # kohya's ss_base_model_version -> Stability's modelspec.architecture (LoRA files append "/lora").
 MODELSPEC_ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
@@ -20,15 +19,23 @@ def modelspec_architecture(base_version: str) -> str:
     return MODELSPEC_ARCHITECTURES.get(base_version, "stable-diffusion-v1")
 
 
-def kohya_stem(module_path: str, part: str) -> str:
-    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`; text-encoder paths
-    with or without `text_model.` -> `lora_te_text_model_encoder_layers_...`."""
+def kohya_stem(module_path: str, part: str, family=None, unet_config=None) -> str:
+    """A module's kohya key stem. SD 1.x/2.x: `down_blocks.0.attentions.0.proj_in` ->
+    `lora_unet_down_blocks_0_attentions_0_proj_in`; text-encoder paths with or without `text_model.` ->
+    `lora_te_text_model_encoder_layers_...`. SDXL: UNet modules under their original names
+    (`lora_unet_input_blocks_4_1_proj_in`, which needs `unet_config`) and `lora_te1_`/`lora_te2_` per encoder.
+    `part` is 'unet' or the text encoder's pipeline attribute ('text_encoder', 'text_encoder_2')."""
+    from ..families import family_named
+
+    family = family or family_named("sd")
     if part == "unet":
-        return UNET_PREFIX + module_path.replace(".", "_")
-    return TEXT_ENCODER_PREFIX + clip_module_path(module_path).replace(".", "_")
+        return UNET_PREFIX + family.kohya_unet_name(module_path, unet_config).replace(".", "_")
+    prefix = family.kohya_text_prefixes()[family.text_encoder_parts.index(part)]
+    return f"{prefix}_text_model_" + clip_module_path(module_path).replace(".", "_")
 
 
-def peft_to_kohya(peft_state: dict[str, torch.Tensor], part: str, alpha: float) -> dict[str, torch.Tensor]:
+def peft_to_kohya(peft_state: dict[str, torch.Tensor], part: str, alpha: float, family=None,
+                  unet_config=None) -> dict[str, torch.Tensor]:
     """Convert a peft LoRA state dict (`<module>.lora_A.weight`/`lora_B`) of one model to kohya keys."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in peft_state.items():
@@ -36,7 +43,7 @@ def peft_to_kohya(peft_state: dict[str, torch.Tensor], part: str, alpha: float) 
             marker = f".{peft_name}.weight"
             if key.endswith(marker):
                 module = key[: -len(marker)]
-                stem = kohya_stem(module, part)
+                stem = kohya_stem(module, part, family, unet_config)
                 out[f"{stem}.{kohya_name}.weight"] = tensor.detach().to("cpu", torch.float32).contiguous()
                 out[f"{stem}.alpha"] = torch.tensor(float(alpha))
                 break

@@ -40,6 +40,8 @@ UNET_RESNET_LEAVES = {
 UNET_TOP_LEVEL = {
     "conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
     "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+    # SDXL's pooled-text + time-id embedding: label_emb = Sequential(Sequential(Linear, SiLU, Linear)).
+    "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",
 }
 # VAE resnets keep their leaf names except the shortcut (update_vae_resnet_ldm_to_diffusers).
 VAE_RESNET_LEAVES = {"conv_shortcut": "nin_shortcut"}
@@ -181,6 +183,12 @@ def _convert(state: dict[str, torch.Tensor], table, what: str) -> dict[str, torc
     if unknown:
         raise ValueError(f"{what}: no ldm name for {len(unknown)} keys (unsupported architecture?), e.g. {unknown[:5]}")
     return out
+
+
+def ldm_unet_module_name(module_path: str, config) -> str:
+    """The ldm name of one UNet module (`down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in` for
+    SDXL's config), which kohya's SDXL LoRA keys use."""
+    return rename_key(module_path + ".weight", unet_prefix_table(config)).removesuffix(".weight")
 
 
 def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""LoRA: low-rank deltas injected by peft into the UNet (and optionally the text encoder)."""
+"""LoRA: low-rank deltas injected by peft into the UNet (and optionally the base's text encoders)."""
 
 from __future__ import annotations
 
@@ -88,15 +88,21 @@ class LoraStrategy(StrategyDefaults):
 
             raise UserError(f"lora.targets={cfg.targets!r} matches no module of this UNet")
         components.unet.add_adapter(_adapter_config(self.rank, self.alpha, cfg.dropout, targets))
-        if cfg.train_text_encoder:
-            components.text_encoder.add_adapter(
+        for encoder in self._text_encoders():
+            encoder.add_adapter(
                 _adapter_config(self.te_rank, self.te_alpha, cfg.dropout, text_encoder_targets(cfg.targets)))
 
+    def _text_encoders(self) -> list:
+        """The text encoders that carry LoRA: every one of the base's (SDXL: both), or none."""
+        return list(self.components.text_encoders) if self.config.lora.train_text_encoder else []
+
+    def _parts(self) -> dict[str, torch.nn.Module]:
+        """Each adapted model by its pipeline attribute name ('unet', 'text_encoder', 'text_encoder_2')."""
+        names = self.components.family.text_encoder_parts
+        return {"unet": self.components.unet, **dict(zip(names, self._text_encoders()))}
+
     def trainable_modules(self):
-        modules = [self.components.unet]
-        if self.config.lora.train_text_encoder:
-            modules.append(self.components.text_encoder)
-        return modules
+        return [self.components.unet, *self._text_encoders()]
 
     def trains_text_encoder(self) -> bool:
         return bool(self.config.lora.train_text_encoder)
@@ -105,7 +111,7 @@ class LoraStrategy(StrategyDefaults):
         groups = [{"params": [p for p in self.components.unet.parameters() if p.requires_grad],
                    "lr": self.config.train.lr}]
         if self.config.lora.train_text_encoder:
-            groups.append({"params": [p for p in self.components.text_encoder.parameters() if p.requires_grad],
+            groups.append({"params": [p for e in self._text_encoders() for p in e.parameters() if p.requires_grad],
                            "lr": self.config.lora.text_encoder_lr or self.config.train.lr})
         return groups
 
@@ -115,11 +121,8 @@ class LoraStrategy(StrategyDefaults):
         # save_embedding_layers=False: after pivotal tuning the text encoder's embedding has grown by the new
         # word, and peft would then put the whole token embedding into the LoRA state; the word ships as its own
         # embedding files instead, and LoRA never trains those rows.
-        states = {"unet": get_peft_model_state_dict(self.components.unet, save_embedding_layers=False)}
-        if self.config.lora.train_text_encoder:
-            states["text_encoder"] = get_peft_model_state_dict(self.components.text_encoder,
-                                                               save_embedding_layers=False)
-        return states
+        return {part: get_peft_model_state_dict(model, save_embedding_layers=False)
+                for part, model in self._parts().items()}
 
     def state_dict(self):
         return {f"{part}.{k}": v.detach().clone() for part, state in self._peft_states().items()
@@ -128,39 +131,38 @@ class LoraStrategy(StrategyDefaults):
     def load_state_dict(self, state) -> None:
         from peft import set_peft_model_state_dict
 
-        for part in ("unet", "text_encoder"):
+        for part, model in self._parts().items():
             sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
             if sub:
-                result = set_peft_model_state_dict(getattr(self.components, part), sub)
+                result = set_peft_model_state_dict(model, sub)
                 if getattr(result, "unexpected_keys", None):
                     raise ValueError(f"LoRA state has unexpected keys: {result.unexpected_keys[:3]}")
 
     def export(self, out_dir: Path, formats, metadata):
-        from diffusers import StableDiffusionPipeline
-
         out_dir = Path(out_dir)
-        states = self._peft_states()
+        family = self.components.family
+        states, parts = self._peft_states(), self._parts()
         written: dict[str, list[str]] = {}
         if "diffusers" in formats:
-            adapter_meta = {"unet_lora_adapter_metadata": self._adapter_metadata(self.components.unet)}
-            if "text_encoder" in states:
-                adapter_meta["text_encoder_lora_adapter_metadata"] = self._adapter_metadata(
-                    self.components.text_encoder)
-            # diffusers' own files name CLIP modules with `text_model.` (its loader drops it where the model has
-            # no such level), so the file is the same whichever transformers version trained it.
-            text_layers = {f"text_model.{clip_module_path(k)}": v for k, v in states["text_encoder"].items()} \
-                if "text_encoder" in states else None
-            StableDiffusionPipeline.save_lora_weights(
-                out_dir, unet_lora_layers=states["unet"], text_encoder_lora_layers=text_layers,
-                weight_name="pytorch_lora_weights.safetensors", **adapter_meta)
+            layers, adapter_meta = {}, {}
+            for part, state in states.items():
+                if part != "unet":
+                    # diffusers' own files name CLIP modules with `text_model.` (its loader drops it where the
+                    # model has no such level), so the file is the same whichever transformers version trained it.
+                    state = {f"text_model.{clip_module_path(k)}": v for k, v in state.items()}
+                layers[f"{part}_lora_layers"] = state
+                adapter_meta[f"{part}_lora_adapter_metadata"] = self._adapter_metadata(parts[part])
+            family.pipeline_class().save_lora_weights(out_dir, weight_name="pytorch_lora_weights.safetensors",
+                                                      **layers, **adapter_meta)
             written["diffusers"] = [str(out_dir / "pytorch_lora_weights.safetensors")]
         if "kohya" in formats:
             from safetensors.torch import save_file
 
-            tensors = kohya_lora.peft_to_kohya(states["unet"], "unet", self.alpha)
-            if "text_encoder" in states:
-                tensors.update(kohya_lora.peft_to_kohya(states["text_encoder"], "text_encoder", self.te_alpha))
             unet = self.components.unet
+            tensors = {}
+            for part, state in states.items():
+                alpha = self.alpha if part == "unet" else self.te_alpha
+                tensors.update(kohya_lora.peft_to_kohya(state, part, alpha, family, unet.config))
             prediction = self.components.noise_scheduler.config.prediction_type
             meta = kohya_lora.kohya_metadata(
                 rank=self.rank, alpha=self.alpha,

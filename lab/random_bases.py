@@ -53,7 +53,8 @@ def sdxl_configs(tiny: bool = False) -> dict[str, dict]:
     (cross-attention width = the sum of their widths) and the pooled projection + 6 time ids as added
     conditioning (projection_class_embeddings_input_dim = projection width + 6 x addition_time_embed_dim)."""
     if tiny:
-        text_1, text_2, time_dim = 32, 32, 8
+        # Two widths, as in SDXL (768 and 1280): single-file loaders tell the encoders apart by their widths.
+        text_1, text_2, time_dim = 32, 48, 8
         unet = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, transformer_layers_per_block=(1, 2),
                     attention_head_dim=(2, 4), norm_num_groups=8,
                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

@@ -40,6 +40,28 @@ def tiny_components():
     return load_components("tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder() -> Path:
+    """The tiny random SDXL-architecture pipeline (lab.random_bases), saved once as a diffusers folder."""
+    from lab.random_bases import build_random_sdxl_pipeline
+
+    folder = _SESSION_TMP / "tiny-sdxl"
+    if not (folder / "model_index.json").exists():
+        build_random_sdxl_pipeline(tiny=True, seed=0).save_pretrained(folder)
+    return folder
+
+
+def ddim_pipeline(name: str):
+    """A base loaded for comparisons, sampling with DDIM as training's sample grids do."""
+    from diffusers import DDIMScheduler
+
+    from finetune.models import load_pipeline
+
+    pipe = load_pipeline(name)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
 def make_config(method: str, output: Path, images: Path = STAR_IMAGES, **dotted):
     """A small, fast run config: `make_config('lora', tmp, **{'train.steps': 3})`."""
     from finetune.config import RunConfig

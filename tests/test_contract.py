@@ -8,33 +8,42 @@ import torch
 
 from finetune.strategies import build_strategy, strategy_names
 
-from conftest import make_config, render
+from conftest import ddim_pipeline, make_config, render
 
 # Enough learning rate that two steps visibly change the model, for every method.
 CONTRACT_LR = {"lora": 1e-2, "textual_inversion": 5e-2, "hypernetwork": 1e-3, "dreambooth": 1e-4}
 
 
 def _all_params(components):
-    for part in ("text_encoder", "vae", "unet"):
-        for name, param in getattr(components, part).named_parameters():
+    parts = {f"text_encoder_{i}": encoder for i, encoder in enumerate(components.text_encoders)}
+    for part, module in {**parts, "vae": components.vae, "unet": components.unet}.items():
+        for name, param in module.named_parameters():
             yield f"{part}.{name}", param
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
 @pytest.mark.parametrize("method", strategy_names())
-def test_strategy_contract(method, tmp_path, tiny_components):
+def test_strategy_contract(method, family, tmp_path, request):
+    """Over every base family: the toy SD base, and the tiny SDXL (both text encoders trained where the method
+    can train them)."""
     from finetune.data import format_prompt
     from finetune.inference import load_adapter, pipeline_from_components
-    from finetune.models import load_components, load_pipeline
+    from finetune.models import load_components
     from finetune.trainer import run_training
 
+    base = "tiny" if family == "sd" else str(request.getfixturevalue("tiny_sdxl_folder"))
     # Every format the method can write, not only its defaults: each one must reload.
     formats = ",".join(build_strategy(make_config(method, tmp_path)).formats)
-    config = make_config(method, tmp_path / "run", **{"train.lr": CONTRACT_LR.get(method, 1e-3),
-                                                       "output.formats": formats})
-    before = {id(p): (name, p.detach().clone()) for name, p in _all_params(tiny_components)}
-    base_pipe = load_pipeline("tiny")
+    options = {"train.lr": CONTRACT_LR.get(method, 1e-3), "output.formats": formats, "model.name": base}
+    if family == "sdxl" and method in ("lora", "dreambooth"):
+        options[f"{method}.train_text_encoder"] = True
+    config = make_config(method, tmp_path / "run", **options)
+    components = load_components(base)
+    assert components.family.name == family
+    before = {id(p): (name, p.detach().clone()) for name, p in _all_params(components)}
+    base_pipe = ddim_pipeline(base)
 
-    outcome = run_training(config, tiny_components)
+    outcome = run_training(config, components)
     strategy, components = outcome.strategy, outcome.components
 
     # 1. Only the declared parameters change.
@@ -54,7 +63,7 @@ def test_strategy_contract(method, tmp_path, tiny_components):
     # 2. State round-trips into a fresh base.
     state = strategy.state_dict()
     fresh = build_strategy(config)
-    fresh.prepare(load_components("tiny"))
+    fresh.prepare(load_components(base))
     fresh.load_state_dict(state)
     restored = fresh.state_dict()
     assert restored.keys() == state.keys()
@@ -72,7 +81,7 @@ def test_strategy_contract(method, tmp_path, tiny_components):
     assert set(exports) == set(strategy.formats)
     for fmt, paths in exports.items():
         for path in paths:
-            pipe = load_pipeline("tiny")
+            pipe = ddim_pipeline(base)
             load_adapter(pipe, path)
             loaded_image = render(pipe, prompt)
             assert np.abs(loaded_image - trained_image).max() < 1e-4, f"{fmt} export {path} differs from the model"

@@ -69,8 +69,8 @@ def test_only_placeholder_rows_change(multi_run):
     weight = components.text_encoder.get_input_embeddings().weight
     emb_name = _embedding_name(components)
     base_rows = before[emb_name].shape[0]
-    assert strategy.ids == [base_rows, base_rows + 1, base_rows + 2]  # sks, sks_1, sks_2 appended
-    assert components.tokenizer.convert_ids_to_tokens(strategy.ids) == ["sks", "sks_1", "sks_2"]
+    assert strategy.ids == [[base_rows, base_rows + 1, base_rows + 2]]  # sks, sks_1, sks_2 appended
+    assert components.tokenizer.convert_ids_to_tokens(strategy.ids[0]) == ["sks", "sks_1", "sks_2"]
 
     for name, param in _named_params(components):
         if name == emb_name:
@@ -83,7 +83,7 @@ def test_only_placeholder_rows_change(multi_run):
 
     star_id = components.tokenizer("star", add_special_tokens=False).input_ids
     init = before[emb_name][star_id].repeat(3, 1)
-    trained = weight.detach()[strategy.ids]
+    trained = weight.detach()[strategy.ids[0]]
     for i in range(3):
         assert not torch.equal(trained[i], init[i]), f"vector {i} did not train"
     assert torch.equal(strategy.state_dict()["sks"], trained)
@@ -157,7 +157,7 @@ def test_reuse_token_overwrites_the_existing_row(tiny_components, tmp_path):
     before = tiny_components.text_encoder.get_input_embeddings().weight.detach().clone()
     strategy = _prepared(tiny_components, tmp_path, **{"data.token": "cat", "textual_inversion.reuse_token": True})
     cat = tiny_components.tokenizer.get_vocab()["cat"]
-    assert strategy.ids == [cat]
+    assert strategy.ids == [[cat]]
     # One AdamW step with weight decay, as the trainer takes it (decay alone would move every row).
     text_encoder = strategy.trainable_modules()[0]
     optimizer = torch.optim.AdamW(strategy.param_groups(), weight_decay=0.1)

@@ -5,6 +5,8 @@ Three files carry the same [n_vectors, dim] tensor:
 - A1111 `<stem>.pt`: a torch.save'd dict of plain tensors/str/int/None (ComfyUI unpickles it with
   weights_only=True, so no nn.Parameter may sneak in);
 - A1111/kohya `<stem>.safetensors`: {"emb_params": [n, dim]}.
+SDXL embeddings carry one tensor per text encoder, {"clip_l": [n, 768], "clip_g": [n, 1280]}, in a
+safetensors file that A1111 and ComfyUI read as is and diffusers loads per encoder.
 A1111 and ComfyUI use the FILE NAME as the prompt word, so the A1111 files are named after the token.
 
 Reading never unpickles arbitrary objects: `.pt`/`.bin` go through torch.load(weights_only=True).
@@ -22,6 +24,7 @@ from .torch_pickle import save_legacy_pt
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 EMB_PARAMS_KEY = "emb_params"
+PER_ENCODER_KEYS = ("clip_l", "clip_g")  # SDXL: CLIP-L's vectors, OpenCLIP-G's vectors
 # A1111 records which CLIP token its embedding stood in for: "*", id 265 in CLIP's vocabulary.
 A1111_STAR_TOKEN_ID = 265
 PICKLE_SUFFIXES = (".pt", ".bin")
@@ -54,6 +57,36 @@ def save_diffusers(path: str | Path, token: str, vectors: torch.Tensor, metadata
     path = Path(path)
     save_file({token: _plain(vectors)}, str(path), metadata=_string_metadata(token, metadata))
     return path
+
+
+def save_per_encoder(path: str | Path, token: str, state: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write an SDXL embedding: {clip_l: [n, 768], clip_g: [n, 1280]} (named after the token for A1111)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file({k: _plain(v) for k, v in state.items()}, str(path), metadata=_string_metadata(token, metadata))
+    return path
+
+
+def read_per_encoder(path: str | Path) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """(token, {clip_l, clip_g}) from an SDXL embedding file (or a folder with learned_embeds); None for any
+    other file. The token is the one sdft recorded, else the file stem as A1111 uses it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIFFUSERS_FILE
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as fh:
+        if set(fh.keys()) != set(PER_ENCODER_KEYS):
+            return None
+        meta = fh.metadata() or {}
+        state = {k: _as_vectors(fh.get_tensor(k)) for k in PER_ENCODER_KEYS}
+    recorded = meta.get(META_TOKEN)
+    # diffusers' learned_embeds is not named after its word; an A1111 file is (and renaming it renames the word).
+    return (recorded if recorded and path.name == DIFFUSERS_FILE else _token_for_file(path, recorded)), state
 
 
 def save_a1111_safetensors(path: str | Path, token: str, vectors: torch.Tensor,
@@ -176,7 +209,9 @@ def _safetensors_is_embedding(path: Path) -> bool:
         return False
     if keys == [EMB_PARAMS_KEY]:
         return len(shapes[0]) in (1, 2)
-    # {token: [n, dim]}; SDXL's {clip_l, clip_g} has two widths and is not for an SD1/SD2 pipeline.
+    if sorted(keys) == sorted(PER_ENCODER_KEYS):  # SDXL: one [n, dim] per encoder, of two widths
+        return all(len(s) == 2 for s in shapes)
+    # {token: [n, dim]}
     return all(len(s) == 2 for s in shapes) and len({s[-1] for s in shapes}) == 1
 
 

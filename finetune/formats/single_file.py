@@ -4,7 +4,11 @@ Forge load, written from a diffusers pipeline; read back with diffusers' `from_s
 Layout of the file (one flat safetensors dict):
 - `model.diffusion_model.*`   the UNet       (input_blocks / middle_block / output_blocks / time_embed / out)
 - `first_stage_model.*`       the VAE        (encoder/decoder down/up/mid, quant_conv, post_quant_conv)
-- `cond_stage_model.transformer.text_model.*`  the CLIP text encoder (SD1 layout)
+- text encoders, by family:
+  SD1   `cond_stage_model.transformer.text_model.*`            CLIP (transformers names)
+  SD2   `cond_stage_model.model.*`                             OpenCLIP (resblocks, fused q/k/v `in_proj`)
+  SDXL  `conditioner.embedders.0.transformer.text_model.*`     CLIP-L, and
+        `conditioner.embedders.1.model.*`                      OpenCLIP bigG (with its `text_projection`)
 
 Key-name facts come from the two converters diffusers ships, read for this module (no code copied):
 - diffusers/loaders/single_file_utils.py (0.42.1): `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
@@ -28,6 +32,14 @@ VAE_PREFIX = "first_stage_model."
 # diffusers strips exactly this prefix (LDM_CLIP_PREFIX_TO_REMOVE) and detects an SD1 CLIP by
 # `cond_stage_model.transformer.text_model.embeddings.position_embedding.weight` (CHECKPOINT_KEY_NAMES["clip"]).
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")
+# OpenCLIP's names for CLIP's parts (convert_open_clip_checkpoint / DIFFUSERS_TO_LDM_MAPPING["openclip"]).
+OPEN_CLIP_TOP_LEVEL = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                       "embeddings.position_embedding.weight": "positional_embedding",
+                       "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+OPEN_CLIP_LAYER_LEAVES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                          "self_attn.out_proj": "attn.out_proj"}
 
 # Inside a UNet ResnetBlock2D the ldm names index the nn.Sequential they sit in:
 # in_layers = [GroupNorm, SiLU, Conv], out_layers = [GroupNorm, SiLU, Dropout, Conv], emb_layers = [SiLU, Linear]
@@ -224,38 +236,97 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder's state dict in OpenCLIP's layout (SD2's and SDXL's second encoder):
+    `transformer.resblocks.N.*` with q/k/v fused into `attn.in_proj_weight/bias` (q, k, v stacked in that order),
+    and `text_projection` stored transposed (OpenCLIP multiplies x @ P; transformers' Linear holds P^T)."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        key = key.removeprefix("text_model.")
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_projection.weight":
+            out["text_projection"] = tensor.T.contiguous()
+        elif key in OPEN_CLIP_TOP_LEVEL:
+            out[OPEN_CLIP_TOP_LEVEL[key]] = tensor
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            fused.setdefault(f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = tensor
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key):
+            out[f"transformer.resblocks.{m[1]}." + _rename_leaf(m[2], OPEN_CLIP_LAYER_LEAVES)] = tensor
+        else:
+            raise ValueError(f"text encoder: no OpenCLIP name for {key}")
+    for key, parts in fused.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def ldm_open_clip_to_state(ldm: dict[str, torch.Tensor], prefix: str, model_keys) -> dict[str, torch.Tensor]:
+    """The inverse of open_clip_to_ldm for the keys `model_keys` of a transformers text encoder."""
+    out = {}
+    for key in model_keys:
+        short = key.removeprefix("text_model.")
+        if short.endswith("position_ids"):
+            continue
+        if short == "text_projection.weight":
+            out[key] = ldm[prefix + "text_projection"].T.contiguous()
+        elif short in OPEN_CLIP_TOP_LEVEL:
+            out[key] = ldm[prefix + OPEN_CLIP_TOP_LEVEL[short]]
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", short):
+            fused = ldm[prefix + f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"]
+            out[key] = fused.chunk(3)["qkv".index(m[2])]
+        else:
+            m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", short)
+            out[key] = ldm[prefix + f"transformer.resblocks.{m[1]}." + _rename_leaf(m[2], OPEN_CLIP_LAYER_LEAVES)]
+    return out
+
+
+def is_open_clip_sd2(text_config) -> bool:
+    """SD2's text encoder: OpenCLIP ViT-H, whose MLPs use gelu where SD1's OpenAI CLIP-L uses quick_gelu."""
+    return getattr(text_config, "hidden_act", "quick_gelu") == "gelu"
+
+
+def text_encoder_layouts(pipe) -> list[tuple[str, str, bool]]:
+    """(pipeline attribute, key prefix, OpenCLIP layout?) of each text encoder the single file stores."""
+    if hasattr(pipe, "text_encoder_2"):
+        return [("text_encoder", SDXL_TEXT_PREFIXES[0], False), ("text_encoder_2", SDXL_TEXT_PREFIXES[1], True)]
+    if is_open_clip_sd2(pipe.text_encoder.config):
+        return [("text_encoder", SD2_TEXT_PREFIX, True)]
+    return [("text_encoder", TEXT_PREFIX, False)]
+
+
 def pipeline_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """The whole pipeline (UNet + VAE + text encoder) as one flat dict with ldm key names."""
-    text_config = pipe.text_encoder.config
-    if getattr(text_config, "hidden_act", "quick_gelu") == "gelu" and text_config.hidden_size == 1024:
-        # SD2 single files store OpenCLIP (`cond_stage_model.model.transformer.resblocks...`, fused qkv, 24 layers
-        # while diffusers keeps 23): the SD1 layout below would load in diffusers but not in A1111/ComfyUI.
-        raise ValueError("SD2 (OpenCLIP) text encoders are not supported by this writer; only SD1-style CLIP")
-    text_state = text_encoder_to_ldm(pipe.text_encoder.state_dict())
-    rows_key, base_rows = "embeddings.token_embedding.weight", pipe.tokenizer.vocab_size
-    if text_state[rows_key].shape[0] > base_rows:
-        # Words added to the tokenizer (a pivotal run's new word) have no place in a single file: its readers
-        # build CLIP with the fixed vocabulary and refuse extra rows. The word ships as an embedding file instead.
-        text_state[rows_key] = text_state[rows_key][:base_rows]
+    """The whole pipeline (UNet + VAE + text encoders) as one flat dict with ldm key names."""
     state: dict[str, torch.Tensor] = {}
+    for attribute, prefix, open_clip in text_encoder_layouts(pipe):
+        text_state = dict(getattr(pipe, attribute).state_dict())
+        rows_key = next(k for k in text_state if k.endswith("embeddings.token_embedding.weight"))
+        base_rows = pipe.tokenizer.vocab_size
+        if text_state[rows_key].shape[0] > base_rows:
+            # Words added to the tokenizer (a pivotal run's new word) have no place in a single file: its readers
+            # build CLIP with the fixed vocabulary and refuse extra rows. The word ships as an embedding file.
+            text_state[rows_key] = text_state[rows_key][:base_rows]
+        converted = open_clip_to_ldm(text_state) if open_clip else text_encoder_to_ldm(text_state)
+        state.update({prefix + key: tensor for key, tensor in converted.items()})
     for prefix, part in ((UNET_PREFIX, unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config)),
-                         (VAE_PREFIX, vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config)),
-                         (TEXT_PREFIX, text_state)):
+                         (VAE_PREFIX, vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))):
         state.update({prefix + key: tensor for key, tensor in part.items()})
     return state
 
 
 def ldm_to_pipeline_states(pipe, ldm: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The inverse of pipeline_state_dict for the UNet and text encoder: the file's tensors under the
+    """The inverse of pipeline_state_dict for the UNet and text encoders: the file's tensors under the
     state-dict keys of `pipe`'s own modules (names derived from pipe's configs, so any supported shape works)."""
     table = unet_prefix_table(pipe.unet.config)
     try:
-        unet = {key: ldm[UNET_PREFIX + rename_key(key, table)] for key in pipe.unet.state_dict()}
-        text = {key: ldm[TEXT_PREFIX + key.removeprefix("text_model.")]
-                for key in pipe.text_encoder.state_dict() if not key.endswith("position_ids")}
+        states = {"unet": {key: ldm[UNET_PREFIX + rename_key(key, table)] for key in pipe.unet.state_dict()}}
+        for attribute, prefix, open_clip in text_encoder_layouts(pipe):
+            keys = list(getattr(pipe, attribute).state_dict())
+            states[attribute] = ldm_open_clip_to_state(ldm, prefix, keys) if open_clip else \
+                {key: ldm[prefix + key.removeprefix("text_model.")] for key in keys if not key.endswith("position_ids")}
     except KeyError as exc:
         raise ValueError(f"checkpoint does not fit this base: no tensor {exc}") from exc
-    return {"unet": unet, "text_encoder": text}
+    return states
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,15 +384,28 @@ def save_single_file(pipe, path, half: bool = False, metadata: dict[str, Any] | 
 
 
 def load_single_file(path, config_folder, torch_dtype=None, **kwargs):
-    """Load a single-file checkpoint as a StableDiffusionPipeline, offline.
+    """Load a single-file checkpoint as a pipeline of its family (SD or SDXL), offline.
 
     config_folder: a local diffusers pipeline folder (save_pretrained) of the same architecture; it gives every
     component's config (and the tokenizer and scheduler), so nothing is fetched from the hub and shapes that
     diffusers cannot infer from the keys (anything not SD1/SD2/SDXL sized) still load.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    kwargs.setdefault("safety_checker", None)
-    kwargs.setdefault("requires_safety_checker", False)
-    return StableDiffusionPipeline.from_single_file(
+    with open_safetensors(path) as handle:
+        sdxl = any(k.startswith(SDXL_TEXT_PREFIXES[1]) for k in handle.keys())
+    if sdxl:
+        kwargs.setdefault("add_watermarker", False)
+    else:
+        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("requires_safety_checker", False)
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    return pipeline_class.from_single_file(
         str(path), config=str(config_folder), local_files_only=True, torch_dtype=torch_dtype, **kwargs)
+
+
+def open_safetensors(path):
+    """A safetensors handle for reading keys and metadata without loading tensors."""
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt")

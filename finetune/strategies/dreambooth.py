@@ -1,4 +1,4 @@
-"""DreamBooth: fine-tune the whole UNet (optionally the text encoder); prior preservation is the
+"""DreamBooth: fine-tune the whole UNet (optionally the base's text encoders); prior preservation is the
 trainer's shared feature, on by default for this method."""
 
 from __future__ import annotations
@@ -32,13 +32,17 @@ class DreamBoothStrategy(StrategyDefaults):
     def prepare(self, components) -> None:
         self.components = components
         components.unet.requires_grad_(True)
-        if self._train_te:
-            components.text_encoder.requires_grad_(True)
+        for encoder in self._text_encoders():
+            encoder.requires_grad_(True)
             if not self.config.dreambooth.train_token_embeddings:
-                components.text_encoder.get_input_embeddings().weight.requires_grad_(False)
+                encoder.get_input_embeddings().weight.requires_grad_(False)
+
+    def _text_encoders(self) -> list:
+        """The text encoders that train: all of the base's (SDXL: both) with train_text_encoder, else none."""
+        return list(self.components.text_encoders) if self._train_te else []
 
     def trainable_modules(self):
-        return [self.components.unet] + ([self.components.text_encoder] if self._train_te else [])
+        return [self.components.unet, *self._text_encoders()]
 
     def trains_text_encoder(self) -> bool:
         return self._train_te
@@ -46,21 +50,23 @@ class DreamBoothStrategy(StrategyDefaults):
     def param_groups(self):
         groups = [{"params": list(self.components.unet.parameters()), "lr": self.config.train.lr}]
         if self._train_te:
-            groups.append({"params": [p for p in self.components.text_encoder.parameters() if p.requires_grad],
+            groups.append({"params": [p for e in self._text_encoders() for p in e.parameters() if p.requires_grad],
                            "lr": self.config.dreambooth.text_encoder_lr or self.config.train.lr})
         return groups
 
-    def _parts(self):
-        return ["unet"] + (["text_encoder"] if self._train_te else [])
+    def _parts(self) -> dict[str, torch.nn.Module]:
+        """The trained models by pipeline attribute name ('unet', 'text_encoder', 'text_encoder_2')."""
+        names = self.components.family.text_encoder_parts
+        return {"unet": self.components.unet, **dict(zip(names, self._text_encoders()))}
 
     def state_dict(self):
-        return {f"{part}.{k}": v.detach().clone() for part in self._parts()
-                for k, v in getattr(self.components, part).state_dict().items()}
+        return {f"{part}.{k}": v.detach().clone() for part, model in self._parts().items()
+                for k, v in model.state_dict().items()}
 
     def load_state_dict(self, state) -> None:
-        for part in self._parts():
+        for part, model in self._parts().items():
             sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
-            getattr(self.components, part).load_state_dict(sub, strict=True)
+            model.load_state_dict(sub, strict=True)
 
     def export(self, out_dir: Path, formats, metadata):
         from ..inference import pipeline_from_components
@@ -158,9 +164,8 @@ def load_into(pipe, path: str, scale: float = 1.0) -> str:
 
         from ..formats.single_file import ldm_to_pipeline_states
 
-        states = ldm_to_pipeline_states(pipe, load_file(str(folder)))
-        _blend_into(pipe.unet, states["unet"], scale)
-        _blend_into(pipe.text_encoder, states["text_encoder"], scale)
+        for part, state in ldm_to_pipeline_states(pipe, load_file(str(folder))).items():
+            _blend_into(getattr(pipe, part), state, scale)
         return folder.stem
     marker = folder / MARKER_FILE
     info = json.loads(marker.read_text()) if marker.is_file() else {"train_text_encoder": True}
@@ -174,6 +179,9 @@ def load_into(pipe, path: str, scale: float = 1.0) -> str:
             _install_words(pipe, added, text_encoder)
         if train_te:
             _blend_into(pipe.text_encoder, text_encoder.state_dict(), scale)
+    second = getattr(pipe, "text_encoder_2", None)
+    if train_te and second is not None and (folder / "text_encoder_2").is_dir():  # SDXL's OpenCLIP-G
+        _blend_into(second, type(second).from_pretrained(folder / "text_encoder_2").state_dict(), scale)
     return folder.name
 
 

@@ -205,38 +205,49 @@ class TextualInversionStrategy:
                               "--init-word WORD, a word close to the concept (e.g. 'toy' or 'painting')")
         return phrase
 
-    def _weight(self) -> torch.nn.Parameter:
-        return self.components.text_encoder.get_input_embeddings().weight
+    def _encoders(self) -> list:
+        return list(self.components.text_encoders)
+
+    def _weights(self) -> list[torch.nn.Parameter]:
+        """The token-embedding matrix of each text encoder (SDXL: CLIP-L's, then OpenCLIP-G's)."""
+        return [encoder.get_input_embeddings().weight for encoder in self._encoders()]
+
+    def _state_keys(self) -> list[str]:
+        """One vector set per text encoder: `{token}` on SD 1.x/2.x, SDXL's `clip_l` / `clip_g`."""
+        return [self.token] if len(self._encoders()) == 1 else list(self.components.family.embedding_keys())
 
     def prepare(self, components) -> None:
-        """Add the placeholder token(s), initialise their rows, and make the embedding the only trained weight."""
-        tokenizer, text_encoder = components.tokenizer, components.text_encoder
-        check_token(tokenizer, self.names, self.config.textual_inversion.reuse_token)
+        """Add the placeholder token(s) to every tokenizer, initialise their rows in every text encoder, and
+        make those embeddings the only trained weights."""
         check_file_stem(self.token, self.config.output.formats or list(self.formats))
         phrase = self._init_phrase()
-        # Tokenised before the placeholder exists, so the phrase means what it meant in the base.
-        init_ids = tokenizer(phrase, add_special_tokens=False).input_ids
-        if not init_ids:
-            raise _user_error(f"textual_inversion.init_word={phrase!r} tokenizes to nothing; use a real word")
         self.components = components
-        self.ids = add_placeholder_tokens(tokenizer, text_encoder, self.names)
-        weight = self._weight()
-        with torch.no_grad():
-            weight[self.ids] = initial_vectors(weight, init_ids, self.vectors).to(weight.dtype)
-        # A full snapshot: restoring it with one copy_ is simpler and faster than masked indexing.
-        self._frozen_rows = weight.detach().clone()
-        train_rows_only(text_encoder, self.ids)
-        log.info("textual inversion: %s -> ids %s, initialised from %r (%d tokens)", self.names, self.ids,
-                 phrase, len(init_ids))
+        self.ids, self._frozen_rows = [], []
+        for tokenizer, text_encoder in zip(components.tokenizers, components.text_encoders):
+            check_token(tokenizer, self.names, self.config.textual_inversion.reuse_token)
+            # Tokenised before the placeholder exists, so the phrase means what it meant in the base.
+            init_ids = tokenizer(phrase, add_special_tokens=False).input_ids
+            if not init_ids:
+                raise _user_error(f"textual_inversion.init_word={phrase!r} tokenizes to nothing; use a real word")
+            ids = add_placeholder_tokens(tokenizer, text_encoder, self.names)
+            weight = text_encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                weight[ids] = initial_vectors(weight, init_ids, self.vectors).to(weight.dtype)
+            self.ids.append(ids)
+            # A full snapshot: restoring it with one copy_ is simpler and faster than masked indexing.
+            self._frozen_rows.append(weight.detach().clone())
+            train_rows_only(text_encoder, ids)
+            log.info("textual inversion: %s -> ids %s, initialised from %r (%d tokens)", self.names, ids,
+                     phrase, len(init_ids))
 
     def trainable_modules(self):
-        return [self.components.text_encoder]
+        return self._encoders()
 
     def trains_text_encoder(self) -> bool:
         return True
 
     def param_groups(self):
-        return [{"params": [self._weight()], "lr": self.config.train.lr}]
+        return [{"params": self._weights(), "lr": self.config.train.lr}]
 
     def prompt_templates(self):
         return STYLE_TEMPLATES if self.config.textual_inversion.property == "style" else OBJECT_TEMPLATES
@@ -247,41 +258,51 @@ class TextualInversionStrategy:
 
     def after_optimizer_step(self) -> None:
         """Copy every non-placeholder row back bit for bit (weight decay moved them all)."""
-        weight = self._weight()
         with torch.no_grad():
-            trained = weight[self.ids].clone()
-            weight.copy_(self._frozen_rows)
-            weight[self.ids] = trained
+            for weight, ids, frozen in zip(self._weights(), self.ids, self._frozen_rows):
+                trained = weight[ids].clone()
+                weight.copy_(frozen)
+                weight[ids] = trained
 
     def state_dict(self):
-        """{token: float32 [n_vectors, dim]}: the learned rows, in placeholder order."""
-        return {self.token: self._weight().detach()[self.ids].float().clone()}
+        """{token: float32 [n_vectors, dim]} (SDXL: {clip_l: ..., clip_g: ...}): the learned rows, in
+        placeholder order."""
+        return {key: weight.detach()[ids].float().clone()
+                for key, weight, ids in zip(self._state_keys(), self._weights(), self.ids)}
 
     def load_state_dict(self, state) -> None:
-        """Write rows saved by state_dict() back into the embedding (after prepare())."""
-        if set(state) != {self.token}:
-            raise ValueError(f"textual-inversion state has keys {sorted(state)}, expected [{self.token!r}]")
-        vectors = state[self.token]
-        weight = self._weight()
-        if tuple(vectors.shape) != (len(self.ids), weight.shape[1]):
-            raise ValueError(f"textual-inversion state for {self.token!r} has shape {tuple(vectors.shape)}, "
-                             f"expected {(len(self.ids), weight.shape[1])}")
-        with torch.no_grad():
-            weight[self.ids] = vectors.to(weight.device, weight.dtype)
+        """Write rows saved by state_dict() back into the embeddings (after prepare())."""
+        keys = self._state_keys()
+        if set(state) != set(keys):
+            raise ValueError(f"textual-inversion state has keys {sorted(state)}, expected {sorted(keys)}")
+        for key, weight, ids in zip(keys, self._weights(), self.ids):
+            vectors = state[key]
+            if tuple(vectors.shape) != (len(ids), weight.shape[1]):
+                raise ValueError(f"textual-inversion state {key!r} has shape {tuple(vectors.shape)}, "
+                                 f"expected {(len(ids), weight.shape[1])}")
+            with torch.no_grad():
+                weight[ids] = vectors.to(weight.device, weight.dtype)
 
     def export(self, out_dir: Path, formats, metadata):
-        """diffusers: learned_embeds.safetensors; a1111: <stem>.pt and <stem>.safetensors named after the token."""
+        """diffusers: learned_embeds.safetensors; a1111: <stem>.pt and <stem>.safetensors named after the token.
+        SDXL: both are the {clip_l, clip_g} file A1111, ComfyUI and diffusers (per encoder) read."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        vectors = self.state_dict()[self.token]
+        state = self.state_dict()
         meta = dict(metadata)
         meta.setdefault("vectors", str(self.vectors))
         written: dict[str, list[str]] = {}
+        stem = embeddings.file_stem(self.token)
+        if len(state) > 1:
+            paths = {"diffusers": out_dir / embeddings.DIFFUSERS_FILE, "a1111": out_dir / f"{stem}.safetensors"}
+            for fmt in formats:
+                written[fmt] = [str(embeddings.save_per_encoder(paths[fmt], self.token, state, meta))]
+            return written
+        vectors = state[self.token]
         if "diffusers" in formats:
             path = embeddings.save_diffusers(out_dir / embeddings.DIFFUSERS_FILE, self.token, vectors, meta)
             written["diffusers"] = [str(path)]
         if "a1111" in formats:
-            stem = embeddings.file_stem(self.token)
             pt = embeddings.save_a1111_pt(out_dir / f"{stem}.pt", self.token, vectors,
                                           step=int(metadata.get("steps", 0) or 0))
             st = embeddings.save_a1111_safetensors(out_dir / f"{stem}.safetensors", self.token, vectors, meta)
@@ -294,22 +315,37 @@ def can_load(path: Path) -> bool:
     return embeddings.is_embedding_file(path)
 
 
-def _install(pipe, token: str, vectors: torch.Tensor) -> None:
+def _install(pipe, token: str, vectors: torch.Tensor, tokenizer=None, text_encoder=None) -> None:
+    """Load one vector set into one tokenizer + text encoder of `pipe` (default: the first)."""
+    tokenizer, text_encoder = tokenizer or pipe.tokenizer, text_encoder or pipe.text_encoder
     names = placeholder_names(token, vectors.shape[0])
-    if not any(n in pipe.tokenizer.get_vocab() for n in names):
-        pipe.load_textual_inversion(vectors, token=token)
+    if not any(n in tokenizer.get_vocab() for n in names):
+        pipe.load_textual_inversion(vectors, token=token, tokenizer=tokenizer, text_encoder=text_encoder)
         return
     # diffusers refuses a token the tokenizer has: an embedding trained with reuse_token, or a reload.
     # Overwrite its rows the way training did (add_tokens keeps the existing id).
     stale = f"{token}_{vectors.shape[0]}"
-    if stale in pipe.tokenizer.added_tokens_encoder:
+    if stale in tokenizer.added_tokens_encoder:
         raise _user_error(f"the pipeline already holds a longer embedding {token!r} ({stale!r} exists); "
                           "load this one into a fresh pipeline")
     log.warning("embedding %r overwrites a token the pipeline already has", token)
-    ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, names)
-    weight = pipe.text_encoder.get_input_embeddings().weight
+    ids = add_placeholder_tokens(tokenizer, text_encoder, names)
+    weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         weight[ids] = vectors.to(weight.device, weight.dtype)
+
+
+def _load_per_encoder(pipe, path: str, found: tuple[str, dict[str, torch.Tensor]], scale: float) -> str:
+    """An SDXL embedding ({clip_l, clip_g}): each vector set into its own tokenizer and text encoder."""
+    from ..families import family_of_pipeline
+
+    token, state = found
+    family = family_of_pipeline(pipe)
+    if set(state) != set(family.embedding_keys()):
+        raise _user_error(f"--adapter {path}: an SDXL embedding ({', '.join(sorted(state))}) needs an SDXL base")
+    for key, tok_part, enc_part in zip(family.embedding_keys(), family.tokenizer_parts, family.text_encoder_parts):
+        _install(pipe, token, state[key].float() * scale, getattr(pipe, tok_part), getattr(pipe, enc_part))
+    return token
 
 
 def load_into(pipe, path: str, scale: float = 1.0) -> str:
@@ -320,6 +356,12 @@ def load_into(pipe, path: str, scale: float = 1.0) -> str:
     `scale` multiplies the vectors: a rough strength knob (not A1111's attention emphasis), 1.0 = as trained.
     The file is read here (pickles only with weights_only=True) and handed over as tensors.
     """
+    per_encoder = embeddings.read_per_encoder(path)
+    if per_encoder is not None:
+        return _load_per_encoder(pipe, path, per_encoder, scale)
+    if hasattr(pipe, "text_encoder_2"):
+        raise _user_error(f"--adapter {path}: an SD 1.x/2.x embedding (one vector set) cannot drive an SDXL base's "
+                          "two text encoders; train one on SDXL")
     try:
         found = embeddings.read_embeddings(path)
     except ValueError as exc:

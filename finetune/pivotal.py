@@ -5,8 +5,8 @@ on its own copy of the base. Its vectors, optionally rescaled to `pivotal.norm`,
 tokenizer and text encoder before the method's strategy is prepared, so the UNet (or its LoRA) learns the
 concept under a word that already means something close to it instead of under an unknown one. The word
 ships next to the method's files as an embedding (diffusers `learned_embeds.safetensors` and an A1111/kohya
-`{emb_params}` file) read from the final text encoder, so a DreamBooth run that also trained the text encoder
-exports the rows it ended with.
+`{emb_params}` file; on SDXL the `{clip_l, clip_g}` file) read from the final text encoders, so a DreamBooth run
+that also trained the text encoders exports the rows it ended with.
 
 With `--resume`, a finished phase 1 whose settings match (output and reporting settings may differ) is reused,
 so the word is not trained again; an unfinished phase 1 starts over (it is the short phase).
@@ -18,6 +18,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,31 +36,41 @@ PHASE_FOLDER = "pivotal"
 
 @dataclass
 class LearnedWord:
-    """The word phase 1 learned: its placeholder token, the token names of its vectors, and the vectors."""
+    """The word phase 1 learned: its placeholder token, the token names of its vectors, and the vectors (one
+    float32 [n_vectors, dim] set per text encoder, keyed as textual inversion's state: the token, or SDXL's
+    clip_l / clip_g), already rescaled."""
 
     token: str
     names: list[str]
-    vectors: torch.Tensor  # float32 [n_vectors, dim], already rescaled
+    vectors: dict[str, torch.Tensor]
 
     def expand(self, prompt: str) -> str:
         """`<sks>` -> `<sks> <sks>_1 ...` before the trainer tokenises (diffusers pipelines do it themselves)."""
         return expand_placeholder(prompt, self.names)
 
+    def _pairs(self, components):
+        return zip(self.vectors, components.tokenizers, components.text_encoders)
+
     def install(self, components) -> None:
-        """Add the word's tokens to the tokenizer and write its rows into the text encoder's embedding."""
-        ids = add_placeholder_tokens(components.tokenizer, components.text_encoder, self.names)
-        weight = components.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[ids] = self.vectors.to(weight.device, weight.dtype)
+        """Add the word's tokens to every tokenizer and write its rows into each text encoder's embedding."""
+        for key, tokenizer, encoder in self._pairs(components):
+            ids = add_placeholder_tokens(tokenizer, encoder, self.names)
+            weight = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                weight[ids] = self.vectors[key].to(weight.device, weight.dtype)
 
     def export(self, components, out_dir: Path, metadata: dict[str, str]) -> list[str]:
         """Write the word as it stands in `components` now: diffusers and A1111/kohya safetensors files."""
-        ids = components.tokenizer.convert_tokens_to_ids(self.names)
-        vectors = components.text_encoder.get_input_embeddings().weight.detach()[ids].float().cpu()
+        state = {key: encoder.get_input_embeddings().weight.detach()[tokenizer.convert_tokens_to_ids(self.names)]
+                 .float().cpu() for key, tokenizer, encoder in self._pairs(components)}
         meta = {**metadata, "vectors": str(len(self.names))}
+        a1111_path = out_dir / f"{embeddings.file_stem(self.token)}.safetensors"
+        if len(state) > 1:
+            return [str(embeddings.save_per_encoder(path, self.token, state, meta))
+                    for path in (out_dir / embeddings.DIFFUSERS_FILE, a1111_path)]
+        vectors = state[self.token]
         diffusers_file = embeddings.save_diffusers(out_dir / embeddings.DIFFUSERS_FILE, self.token, vectors, meta)
-        a1111_file = embeddings.save_a1111_safetensors(out_dir / f"{embeddings.file_stem(self.token)}.safetensors",
-                                                       self.token, vectors, meta)
+        a1111_file = embeddings.save_a1111_safetensors(a1111_path, self.token, vectors, meta)
         return [str(diffusers_file), str(a1111_file)]
 
 
@@ -92,7 +103,7 @@ def phase_config(config: RunConfig) -> RunConfig:
     return phase
 
 
-def _finished_phase(phase: RunConfig) -> torch.Tensor | None:
+def _finished_phase(phase: RunConfig) -> dict[str, torch.Tensor] | None:
     """The vectors of an earlier phase 1 with this very config, or None."""
     import yaml
 
@@ -106,8 +117,11 @@ def _finished_phase(phase: RunConfig) -> torch.Tensor | None:
     if earlier.get("train", {}).get("steps") != phase.train.steps or config_differences(earlier,
                                                                                       saved_config_dict(phase)):
         return None
+    per_encoder = embeddings.read_per_encoder(learned)
+    if per_encoder is not None:
+        return per_encoder[1]
     found = embeddings.read_embeddings(learned)
-    return found.get(phase.data.token)
+    return {phase.data.token: found[phase.data.token]} if phase.data.token in found else None
 
 
 def check_new_word(tokenizer, token: str, vectors: int) -> None:
@@ -120,14 +134,13 @@ def check_new_word(tokenizer, token: str, vectors: int) -> None:
                         f"tokenizer does not know yet; use e.g. '<{token.strip() or 'sks'}>'")
 
 
-def learn_word(config: RunConfig, components=None) -> LearnedWord:
-    """Run (or reuse) phase 1 and return the learned word, rescaled to pivotal.norm if set.
+def learn_word(config: RunConfig, run_training: Callable, components=None) -> LearnedWord:
+    """Run (or reuse) phase 1 through `run_training` (the trainer's entry point, passed in so this module
+    does not import the trainer back) and return the learned word, rescaled to pivotal.norm if set.
 
     `components` (already loaded, e.g. by a benchmark) are copied, never changed; without them phase 1 loads
     its own copy of the base (the main run loads another after it, so two never sit in memory at once).
     """
-    from .trainer import run_training
-
     phase = phase_config(config)
     token, vectors = config.data.token, None
     if config.output.resume:
@@ -136,7 +149,7 @@ def learn_word(config: RunConfig, components=None) -> LearnedWord:
         if components is None:  # (the trainer checked the model name and the images before calling)
             from .models import load_components
 
-            components = load_components(config.model.name, config.model.single_file_config)
+            components = load_components(config.model.name, config.model.single_file_config, config.model.family)
         else:
             components = copy.deepcopy(components)
         check_new_word(components.tokenizer, token, config.pivotal.vectors)
@@ -148,14 +161,18 @@ def learn_word(config: RunConfig, components=None) -> LearnedWord:
             # Phase 1 is short and always starts over: its checkpoint is not what --resume continues.
             raise TrainingInterrupted("interrupted while learning the new word (pivotal tuning's first phase); "
                                       "run the command again with --overwrite to start over") from exc
-        vectors = outcome.strategy.state_dict()[token]
+        vectors = outcome.strategy.state_dict()
         del outcome
     else:
         log.info("pivotal tuning: reusing the word learned in %s", phase.output.output)
-    vectors = vectors.float().cpu()
-    lengths = vectors.norm(dim=1, keepdim=True)
-    if config.pivotal.norm is not None:
-        vectors = vectors / lengths * config.pivotal.norm
-    log.info("pivotal word %s: vector lengths %s -> %s", token, [round(float(x), 3) for x in lengths.flatten()],
-             [round(float(x), 3) for x in vectors.norm(dim=1)])
-    return LearnedWord(token, placeholder_names(token, vectors.shape[0]), vectors)
+    rescaled = {}
+    for key, rows in vectors.items():
+        rows = rows.float().cpu()
+        lengths = rows.norm(dim=1, keepdim=True)
+        if config.pivotal.norm is not None:
+            rows = rows / lengths * config.pivotal.norm
+        log.info("pivotal word %s (%s): vector lengths %s -> %s", token, key,
+                 [round(float(x), 3) for x in lengths.flatten()], [round(float(x), 3) for x in rows.norm(dim=1)])
+        rescaled[key] = rows
+    count = next(iter(rescaled.values())).shape[0]
+    return LearnedWord(token, placeholder_names(token, count), rescaled)

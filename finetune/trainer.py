@@ -73,7 +73,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         # Phase 1 is a whole run of its own (own accelerator state) inside this run's folder: it must finish
         # before this run's starts, so the folder is claimed (an older run cleared with --overwrite) first.
         claim_output_folder(config, PartialState().is_main_process)
-        word = pivotal.learn_word(config, components)
+        word = pivotal.learn_word(config, run_training, components)
     # accelerate keeps its state in a process-wide singleton; a second run in the same process (library use,
     # tests) with another mixed-precision setting must start from a clean one. The process group is kept.
     AcceleratorState._reset_state(reset_partial_state=False)

@@ -262,3 +262,26 @@ def test_cli_trains_and_generates_on_sdxl(method, tmp_path, tiny_sdxl_folder, st
     from PIL import Image
 
     assert Image.open(image).size == (64, 64)
+
+
+def test_pivotal_lora_on_sdxl(tmp_path, tiny_sdxl_folder):
+    """Pivotal tuning on SDXL: the new word is learned in both encoders, ships as the {clip_l, clip_g} file, and
+    the word + LoRA loaded into a fresh pipeline draw what the trained model draws."""
+    from safetensors import safe_open
+
+    from finetune.inference import load_adapter, pipeline_from_components
+    from finetune.trainer import run_training
+
+    config = make_config("lora", tmp_path / "run", **{
+        "model.name": str(tiny_sdxl_folder), "data.token": "<sks>", "pivotal.steps": 2, "pivotal.init_word": "star",
+        "train.lr": 1e-2, "output.formats": ["diffusers"]})
+    outcome = run_training(config)
+    embedding = outcome.summary["exports"]["embedding"][0]
+    with safe_open(embedding, framework="pt") as handle:
+        assert {k: handle.get_slice(k).get_shape() for k in handle.keys()} == {"clip_l": [2, 32], "clip_g": [2, 48]}
+    prompt = "a photo of <sks> star"
+    trained = render(pipeline_from_components(outcome.components), prompt)
+    pipe = ddim_pipeline(str(tiny_sdxl_folder))
+    load_adapter(pipe, embedding)
+    load_adapter(pipe, outcome.summary["exports"]["diffusers"][0])
+    assert np.abs(render(pipe, prompt) - trained).max() < 1e-4

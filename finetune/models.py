@@ -290,7 +290,7 @@ def apply_model_options(components: Components, model) -> None:
 
 
 def load_vae(name: str):
-    """A replacement VAE (e.g. an fp16-safe SDXL VAE): a diffusers VAE folder or a single .safetensors file."""
+    """A replacement VAE (e.g. an fp16-safe SDXL VAE): a diffusers VAE folder, a .safetensors file or a hub id."""
     from diffusers import AutoencoderKL
 
     path = Path(name).expanduser()
@@ -299,8 +299,11 @@ def load_vae(name: str):
             vae = AutoencoderKL.from_pretrained(path)
         elif path.suffix == ".safetensors" and path.is_file():
             vae = AutoencoderKL.from_single_file(str(path))
+        elif not path.exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            vae = AutoencoderKL.from_pretrained(name)  # a hub id, e.g. madebyollin/sdxl-vae-fp16-fix
         else:
-            raise UserError(f"--vae {name}: pass a diffusers VAE folder (with config.json) or a .safetensors file")
+            raise UserError(f"--vae {name}: pass a diffusers VAE folder (with config.json), a .safetensors file "
+                            "or a hub id")
     except (OSError, ValueError) as exc:
         raise UserError(f"--vae {name}: could not be loaded ({' '.join(str(exc).split())[:200]})") from exc
     vae.requires_grad_(False)

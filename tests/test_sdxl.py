@@ -92,7 +92,8 @@ def test_diffusers_reads_every_kohya_sdxl_name(sdxl_meta_parts):
     """diffusers' SDXL LoRA loader (lora_state_dict, then the peft conversion load_lora_weights applies) puts
     every key of the file on an existing module of SDXL's UNet and encoders: nothing unmatched, nothing dropped."""
     from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                 convert_unet_state_dict_to_peft)
 
     unet, te1, te2 = sdxl_meta_parts
     converted, _ = StableDiffusionXLPipeline.lora_state_dict(_kohya_file_tensors(sdxl_meta_parts),
@@ -285,3 +286,45 @@ def test_pivotal_lora_on_sdxl(tmp_path, tiny_sdxl_folder):
     load_adapter(pipe, embedding)
     load_adapter(pipe, outcome.summary["exports"]["diffusers"][0])
     assert np.abs(render(pipe, prompt) - trained).max() < 1e-4
+
+
+def test_extract_lora_from_an_sdxl_fine_tune(tiny_sdxl_folder, tmp_path):
+    """`extract-lora` on SDXL: changes to UNet Linears and convs and to both encoders, extracted at full rank
+    into kohya's SDXL names, load with diffusers' load_lora_weights and give the fine-tune's prediction."""
+    from finetune.formats.lora_extract import extract_from_pipelines
+    from finetune.models import load_pipeline
+
+    base, tuned = load_pipeline(str(tiny_sdxl_folder)), load_pipeline(str(tiny_sdxl_folder))
+    gen = torch.Generator().manual_seed(0)
+    changed = {"unet": ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "up_blocks.0.resnets.1.conv1",
+                        "mid_block.attentions.0.proj_out"],
+               "text_encoder": ["text_model.encoder.layers.1.mlp.fc1"],
+               # (all four projections: diffusers infers the file's flavour from a changed out_proj among them)
+               "text_encoder_2": [f"text_model.encoder.layers.0.self_attn.{p}_proj" for p in ("q", "k", "v", "out")]}
+    with torch.no_grad():
+        for part, names in changed.items():
+            for name in names:
+                name = name if part == "unet" or hasattr(getattr(tuned, part), "text_model") else \
+                    name.removeprefix("text_model.")
+                weight = getattr(tuned, part).get_submodule(name).weight
+                weight += 0.05 * torch.randn(weight.shape, generator=gen)
+    path, stats = extract_from_pipelines(base, tuned, tmp_path / "extracted.safetensors", rank=10_000)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        stems = {k.split(".")[0] for k in handle.keys()}
+        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    # (the tiny SDXL has one layer per block: its second down block starts at input_blocks.3)
+    assert stems == {"lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k",
+                     "lora_unet_output_blocks_1_0_in_layers_2",
+                     "lora_unet_middle_block_1_proj_out", "lora_te1_text_model_encoder_layers_1_mlp_fc1"} | \
+        {f"lora_te2_text_model_encoder_layers_0_self_attn_{p}_proj" for p in ("q", "k", "v", "out")}
+    assert stats.lost == {}
+    fresh = ddim_pipeline(str(tiny_sdxl_folder))
+    fresh.load_lora_weights(str(path))
+    tuned_ref = ddim_pipeline(str(tiny_sdxl_folder))
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        getattr(tuned_ref, part).load_state_dict(getattr(tuned, part).state_dict())
+    want, got = render(tuned_ref, "a photo of sks"), render(fresh, "a photo of sks")
+    assert np.abs(render(ddim_pipeline(str(tiny_sdxl_folder)), "a photo of sks") - want).max() > 1e-3
+    assert np.abs(got - want).max() < 1e-3

@@ -171,6 +171,6 @@ def test_refuses_what_it_cannot_write(tuned, tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         save_single_file(pipe, tmp_path / "model.ckpt")
     state = dict(pipe.unet.state_dict())
-    state["add_embedding.linear_1.weight"] = torch.zeros(1)  # an SDXL-only layer this writer has no name for
-    with pytest.raises(ValueError, match="add_embedding"):
+    state["class_embedding.weight"] = torch.zeros(1)  # a class-conditioned UNet's layer: no ldm name here
+    with pytest.raises(ValueError, match="class_embedding"):
         unet_to_ldm(state, pipe.unet.config)

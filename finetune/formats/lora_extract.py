@@ -110,9 +110,9 @@ def _module_rank(module: nn.Module, rank: int, conv_rank: int | None) -> int:
 
 
 def _extract_part(base: nn.Module, tuned: nn.Module, part: str, rank: int, conv_rank: int | None,
-                  stats: ExtractStats) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The (up, down) factors of every changed layer of one model (part 'unet' or 'te') by kohya stem;
-    also accounts for unchanged layers and for what a LoRA cannot carry."""
+                  stats: ExtractStats, family) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The (up, down) factors of every changed layer of one model (part 'unet' or a text encoder's pipeline
+    name) by kohya stem; also accounts for unchanged layers and for what a LoRA cannot carry."""
     base_targets, tuned_targets = _lora_targets(base), _lora_targets(tuned)
     if base_targets.keys() != tuned_targets.keys():
         raise ValueError(f"{part}: base and tuned models have different layers")
@@ -133,7 +133,7 @@ def _extract_part(base: nn.Module, tuned: nn.Module, part: str, rank: int, conv_
         covered.add(f"{name}.weight")
         delta = tuned_w.to("cpu", torch.float32) - base_w.to("cpu", torch.float32)
         up, down, error = low_rank_factors(delta, want)
-        stem = kohya_stem(name, part)
+        stem = kohya_stem(name, part, family, base.config if part == "unet" else None)
         factors[stem] = (up, down)
         stats.relative_error[stem] = error
         stats.extracted += 1
@@ -173,17 +173,22 @@ def _account_lost(base: nn.Module, tuned: nn.Module, part: str, covered: set[str
 
 
 def extract_lora_with_stats(base_unet, tuned_unet, rank: int, base_te=None, tuned_te=None,
-                            conv_rank: int | None = None) -> tuple[dict[str, torch.Tensor], ExtractStats]:
-    """Like extract_lora, also returning the ExtractStats."""
+                            conv_rank: int | None = None, family=None) -> tuple[dict[str, torch.Tensor], ExtractStats]:
+    """Like extract_lora, also returning the ExtractStats. base_te/tuned_te: one text encoder each, or a list
+    per family encoder (SDXL: [CLIP-L, OpenCLIP-G]); `family` (default SD 1.x/2.x) names the kohya keys."""
+    from ..families import family_named
+
     if rank < 1:
         raise ValueError("rank must be >= 1")
     if (base_te is None) != (tuned_te is None):
         raise ValueError("pass both base_te and tuned_te, or neither")
+    family = family or family_named("sd")
+    as_list = (lambda te: [] if te is None else list(te) if isinstance(te, (list, tuple)) else [te])
     stats = ExtractStats()
     with torch.no_grad():
-        factors = _extract_part(base_unet, tuned_unet, "unet", rank, conv_rank, stats)
-        if base_te is not None:
-            factors.update(_extract_part(base_te, tuned_te, "te", rank, conv_rank, stats))
+        factors = _extract_part(base_unet, tuned_unet, "unet", rank, conv_rank, stats, family)
+        for part, base, tuned in zip(family.text_encoder_parts, as_list(base_te), as_list(tuned_te)):
+            factors.update(_extract_part(base, tuned, part, rank, conv_rank, stats, family))
     return shared_alpha_tensors(factors), stats
 
 
@@ -245,9 +250,15 @@ def save_extracted_lora(path, tensors: dict[str, torch.Tensor], metadata: dict |
 
 def extract_from_pipelines(base_pipe, tuned_pipe, path, rank: int, conv_rank: int | None = None,
                            text_encoder: bool = True, metadata: dict | None = None) -> tuple[Path, ExtractStats]:
-    """Extract base -> tuned (UNet, and the text encoder when it changed) and save with metadata from the configs."""
-    te = (base_pipe.text_encoder, tuned_pipe.text_encoder) if text_encoder else (None, None)
-    tensors, stats = extract_lora_with_stats(base_pipe.unet, tuned_pipe.unet, rank, *te, conv_rank=conv_rank)
+    """Extract base -> tuned (UNet, and the text encoders where they changed) and save with metadata from the
+    configs; SD 1.x/2.x and SDXL pipelines alike."""
+    from ..families import family_of_pipeline
+
+    family = family_of_pipeline(base_pipe)
+    te = ([getattr(base_pipe, p) for p in family.text_encoder_parts],
+          [getattr(tuned_pipe, p) for p in family.text_encoder_parts]) if text_encoder else (None, None)
+    tensors, stats = extract_lora_with_stats(base_pipe.unet, tuned_pipe.unet, rank, *te, conv_rank=conv_rank,
+                                             family=family)
     log.info("LoRA extraction: %s", stats.summary())
     prediction = str(base_pipe.scheduler.config.get("prediction_type", "epsilon"))
     resolution = int(base_pipe.unet.config.sample_size) * base_pipe.vae_scale_factor

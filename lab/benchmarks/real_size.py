@@ -1,10 +1,12 @@
-"""Seconds per step and peak memory of every method on an SD1.5-shaped random pipeline (no download).
+"""Seconds per step and peak memory of every method on an SD1.5- or SDXL-shaped random pipeline (no download).
 
     python -m lab.benchmarks.real_size --resolutions 256 512 --steps 4
     python -m lab.benchmarks.real_size --methods lora --resolutions 256 --precisions bf16 --checkpointing on
+    python -m lab.benchmarks.real_size --shape sdxl --methods lora --resolutions 512 --precisions fp32
 
-The random pipeline (UNet 860M, SD VAE, CLIP-L-shaped text encoder, real tokenizer) is built once from
-code and saved to `--base-dir` (fp32 safetensors, ~4 GB), so each configuration loads it in seconds
+The random pipeline (SD1.5: UNet 860M, SD VAE, CLIP-L-shaped text encoder; SDXL: UNet 2.6B, CLIP-L and
+OpenCLIP-bigG-shaped encoders; real tokenizers) is built once from code and saved to `--base-dir` (fp32
+safetensors, ~4 GB for SD1.5, ~14 GB for SDXL), so each configuration loads it in seconds
 instead of re-initialising 860M parameters. Every configuration (method x resolution x precision x
 gradient checkpointing, batch 1, prior preservation off) runs in its own process, so its peak RSS is
 its own and an out-of-memory kill costs only that row. Prints one JSON line per configuration.
@@ -34,13 +36,14 @@ METHODS = ("lora", "dreambooth", "textual_inversion", "hypernetwork")
 FIRST_FORMAT = {"lora": "kohya", "dreambooth": "diffusers", "textual_inversion": "a1111", "hypernetwork": "a1111"}
 
 
-def ensure_base(folder: Path) -> Path:
-    """Build and save the random SD1.5-shaped pipeline once."""
+def ensure_base(folder: Path, shape: str = "sd15") -> Path:
+    """Build and save the random SD1.5- or SDXL-shaped pipeline once."""
     if (folder / "model_index.json").exists():
         return folder
-    from lab.random_bases import build_random_pipeline
+    from lab.random_bases import build_random_pipeline, build_random_sdxl_pipeline
 
-    build_random_pipeline("sd15").save_pretrained(folder, safe_serialization=True)
+    pipe = build_random_sdxl_pipeline(tiny=False) if shape == "sdxl" else build_random_pipeline("sd15")
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -73,7 +76,7 @@ def child(args) -> None:
         summary = run_training(config).summary
     finally:
         shutil.rmtree(config.output.output, ignore_errors=True)  # a DreamBooth export is 4 GB: never keep it
-    row = {"method": args.method, "resolution": args.resolution, "precision": args.precision,
+    row = {"shape": args.shape, "method": args.method, "resolution": args.resolution, "precision": args.precision,
            "checkpointing": args.checkpointing, "steps": args.steps, "s_per_step": summary["median_step_s"],
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "wall_s": summary["wall_time_s"], "device": "cuda" if torch.cuda.is_available() and args.device != "cpu"
@@ -91,7 +94,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=("off", "on"))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--images", type=Path, default=PHOTOS)
-    parser.add_argument("--base-dir", type=Path, default=Path(tempfile.gettempdir()) / "sdft-random-sd15")
+    parser.add_argument("--shape", default="sd15", choices=("sd15", "sdxl"), help="the random base's architecture")
+    parser.add_argument("--base-dir", type=Path, default=None,
+                        help="where the random base is saved (default: sdft-random-SHAPE in the temp folder)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate picks)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -99,16 +104,17 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.base_dir = args.base_dir or Path(tempfile.gettempdir()) / f"sdft-random-{args.shape}"
     if args.child:
         args.checkpointing = args.checkpointing[0]
         child(args)
         return
-    ensure_base(args.base_dir)
+    ensure_base(args.base_dir, args.shape)
     for method, resolution, precision, ckpt in itertools.product(args.methods, args.resolutions, args.precisions,
                                                                  args.checkpointing):
-        command = [sys.executable, "-m", "lab.benchmarks.real_size", "--child", "--method", method, "--resolution", str(resolution),
-                   "--precision", precision, "--checkpointing", ckpt, "--steps", str(args.steps),
-                   "--images", str(args.images), "--base-dir", str(args.base_dir)]
+        command = [sys.executable, "-m", "lab.benchmarks.real_size", "--child", "--method", method,
+                   "--resolution", str(resolution), "--precision", precision, "--checkpointing", ckpt, "--steps", str(args.steps),
+                   "--images", str(args.images), "--base-dir", str(args.base_dir), "--shape", args.shape]
         if args.device:
             command += ["--device", args.device]
         try:

@@ -113,7 +113,8 @@ def main() -> None:
     for method, resolution, precision, ckpt in itertools.product(args.methods, args.resolutions, args.precisions,
                                                                  args.checkpointing):
         command = [sys.executable, "-m", "lab.benchmarks.real_size", "--child", "--method", method,
-                   "--resolution", str(resolution), "--precision", precision, "--checkpointing", ckpt, "--steps", str(args.steps),
+                   "--resolution", str(resolution), "--precision", precision, "--checkpointing", ckpt,
+                   "--steps", str(args.steps),
                    "--images", str(args.images), "--base-dir", str(args.base_dir), "--shape", args.shape]
         if args.device:
             command += ["--device", args.device]

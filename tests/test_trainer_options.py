@@ -116,3 +116,25 @@ def test_vae_posterior_mean_or_sample(tmp_path, tiny_components):
     from finetune.config import RunConfig
 
     assert RunConfig.for_method("lora").data.vae_posterior == "sample"
+
+
+def test_prediction_type_reaches_samples_and_exports(tmp_path):
+    """--prediction-type and --zero-terminal-snr change the base's schedule everywhere: the training target,
+    the sampler of the sample grids, the exported pipeline's scheduler and the LoRA file's metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    from finetune.trainer import run_training
+
+    options = {"model.prediction_type": "v_prediction", "model.zero_terminal_snr": True}
+    lora = run_training(make_config("lora", tmp_path / "lora", **options, **{"output.formats": ["kohya"]}))
+    schedule = lora.components.noise_scheduler.config
+    assert schedule.prediction_type == "v_prediction" and schedule.rescale_betas_zero_snr
+    with safe_open(lora.summary["exports"]["kohya"][0], framework="pt") as handle:
+        assert handle.metadata()["modelspec.prediction_type"] == "v"
+    dreambooth = run_training(make_config("dreambooth", tmp_path / "db", **options, **{
+        "output.formats": ["diffusers"], "prior.enabled": False}))
+    saved = json.loads((tmp_path / "db" / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction" and saved["rescale_betas_zero_snr"] is True
+    assert saved["timestep_spacing"] == "trailing"

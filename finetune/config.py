@@ -38,8 +38,8 @@ class ModelConfig:
                                          "single-file --model", flag="model-config")
     family: str | None = opt(None, "the base's family (default: detected from a local folder or file; name it "
                              "for an SDXL hub id)", choices=("sd", "sdxl"))
-    vae: str | None = opt(None, "use this VAE instead of the base's (a diffusers VAE folder or .safetensors file, "
-                          "e.g. an fp16-safe SDXL VAE)")
+    vae: str | None = opt(None, "use this VAE instead of the base's (a diffusers VAE folder, .safetensors file or "
+                          "hub id, e.g. an fp16-safe SDXL VAE)")
     prediction_type: str | None = opt(None, "override the scheduler's prediction type",
                                       choices=("epsilon", "v_prediction"))
     zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero terminal SNR (Lin et al. 2023; "

@@ -154,7 +154,10 @@ class OutputConfig:
     sample_seeds: list[int] = opt([0, 1, 2, 3], "seeds of the sample images (an empty list: no samples)")
     sample_steps: int = opt(25, "denoising steps for samples")
     guidance: float = opt(5.0, "classifier-free guidance scale for samples")
-    log_every: int = opt(1, "log loss/lr to tensorboard every N steps")
+    log_every: int = opt(1, "log loss/lr to the trackers every N steps")
+    report_to: str = opt("tensorboard", "where losses and the lr are logged: tensorboard (<output>/logs), wandb "
+                         "(pip install \"sdft[wandb]\"; offline into <output>/wandb unless WANDB_API_KEY or "
+                         "WANDB_MODE is set) or none", choices=("tensorboard", "wandb", "none"))
     validation_every: int = opt(50, "compute the validation loss every N steps (and before the first and after "
                                 "the last), when there is a validation set")
     validation_timesteps: int = opt(4, "timesteps the validation loss averages, spread evenly over the schedule")

@@ -62,6 +62,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     resume_from = check_output_folder(config)
     resolve_base(config.model.name)
     formats = check_formats(config)
+    tracker(config.output.report_to)
     examples = load_examples(config.data.images, config.data.prompt, config.data.token, config.data.class_word,
                              keep_alpha=config.data.alpha_mask)
     examples, held_out = split_validation(examples, config.data.validation_share)
@@ -81,7 +82,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     tcfg = config.train
     accelerator = Accelerator(
         mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.grad_accum,
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        log_with=tracker(config.output.report_to),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     refuse_sharded_backends(accelerator.distributed_type)
     if components is None:
@@ -182,7 +184,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         claim_output_folder(config, accelerator.is_main_process)
     if accelerator.is_main_process:
         save_config(config, out / "config.yaml")
-        accelerator.init_trackers("sdft", config=_flat_hparams(config))
+        accelerator.init_trackers("sdft", config=_flat_hparams(config), init_kwargs=tracker_options(config, out))
     accelerator.wait_for_everyone()
 
     def encode_text(captions: list[str], encoders=None) -> PromptEmbeds:
@@ -388,6 +390,28 @@ def export_metadata(config: RunConfig, resolution: int, image_count: int) -> dic
     """What every export carries about its run, free of local paths (files users share)."""
     return {"config": shareable_config_yaml(config, image_count), "resolution": str(resolution),
             "steps": str(config.train.steps), "base_model": shareable_name(config.model.name)}
+
+
+def tracker(report_to: str) -> str | None:
+    """accelerate's log_with for output.report_to; a missing wandb is a one-line error naming the extra."""
+    if report_to == "none":
+        return None
+    if report_to == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError('output.report_to=wandb needs the wandb package: pip install "sdft[wandb]"')
+    return report_to
+
+
+def tracker_options(config: RunConfig, out: Path) -> dict:
+    """Per-tracker init options: wandb writes into the run folder, offline unless an account is configured."""
+    if config.output.report_to != "wandb":
+        return {}
+    import os
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return {"wandb": {"dir": str(out), "mode": mode, "name": out.name}}
 
 
 def _stop_requested(accelerator, interrupt: StopOnInterrupt) -> bool:

@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from finetune.cli import main
 
+from conftest import make_config
+
 
 def _argv(star_images, out, steps: int, *extra: str) -> list[str]:
     return ["lora", "--images", str(star_images), "--token", "sks", "--output", str(out), "--steps", str(steps),
@@ -59,3 +61,18 @@ def test_a_validation_folder_is_used_as_given(tmp_path, star_images, photos):
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["validation_images"] == 5 and summary["vae_encodes"] == 5  # all 5 star images train
+
+
+def test_report_to_wandb_writes_an_offline_run(tmp_path, monkeypatch):
+    """--report-to wandb without an account: an offline wandb run inside the run folder, holding the losses."""
+    from finetune.trainer import run_training
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = make_config("lora", tmp_path / "run", **{"output.report_to": "wandb", "data.validation_share": 0.4,
+                                                      "output.validation_every": 1, "output.sample_seeds": []})
+    run_training(config)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "the offline run holds no history file"
+    assert not (tmp_path / "run" / "logs").exists() or not any((tmp_path / "run" / "logs").rglob("events.*"))

@@ -14,8 +14,8 @@ def add_commands(sub) -> None:
                        allow_abbrev=False)
     p.add_argument("lora", help="a LoRA .safetensors file (either format: the other one is written)")
     p.add_argument("--output", required=True, help="kohya: a .safetensors file; diffusers: a folder")
-    p.add_argument("--base", default="tiny", help="base whose module names a kohya file is read against "
-                   "(kohya -> diffusers only; as --model)")
+    p.add_argument("--base", default="tiny", help="base whose module names a kohya file is read against, and for "
+                   "SDXL the base whose UNet names a kohya file uses (as --model)")
     p = sub.add_parser("merge", help="fuse one or more LoRAs into a base and save it (diffusers folder or "
                        "single file)", allow_abbrev=False)
     p.add_argument("--base", required=True, help="base model (as --model)")
@@ -53,7 +53,7 @@ def run_convert(args: argparse.Namespace) -> str:
     from safetensors.torch import save_file
 
     from .formats.file_modes import apply_umask
-    from .formats.lora_convert import diffusers_to_kohya, kohya_to_diffusers_pipeline
+    from .formats.lora_convert import diffusers_to_kohya, is_sdxl_lora, kohya_to_diffusers_pipeline
     from .models import load_pipeline
 
     output = Path(args.output)
@@ -65,10 +65,31 @@ def run_convert(args: argparse.Namespace) -> str:
         return str(written)
     if output.suffix != ".safetensors":
         raise UserError("--output: a kohya LoRA is a .safetensors file")
+    family, unet_config = _base_naming(args.base)
+    if is_sdxl_lora(tensors) and family.name != "sdxl":
+        raise UserError(f"{args.lora} is an SDXL LoRA: pass --base with the SDXL model it belongs to (kohya's SDXL "
+                        "names follow that model's UNet layout)")
     kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.", "sdft_"))}
-    save_file(diffusers_to_kohya(tensors, metadata), str(output), metadata=kept or None)
+    save_file(diffusers_to_kohya(tensors, metadata, family, unet_config), str(output), metadata=kept or None)
     apply_umask([output])
     return str(output)
+
+
+def _base_naming(base: str):
+    """(family, UNet config) of --base, read from a local folder's files where possible (no weights loaded)."""
+    import json
+
+    from .families import family_named
+    from .models import detect_family_name, load_pipeline, resolve_base
+
+    source = Path(resolve_base(base))
+    family = family_named(detect_family_name(str(source)) or "sd")
+    if family.name != "sdxl":
+        return family, None
+    config_file = source / "unet" / "config.json"
+    if config_file.is_file():
+        return family, json.loads(config_file.read_text())
+    return family, dict(load_pipeline(base).unet.config)
 
 
 def parse_lora_scale(item: str) -> tuple[str, float]:

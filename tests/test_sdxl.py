@@ -328,3 +328,39 @@ def test_extract_lora_from_an_sdxl_fine_tune(tiny_sdxl_folder, tmp_path):
     want, got = render(tuned_ref, "a photo of sks"), render(fresh, "a photo of sks")
     assert np.abs(render(ddim_pipeline(str(tiny_sdxl_folder)), "a photo of sks") - want).max() > 1e-3
     assert np.abs(got - want).max() < 1e-3
+
+
+def test_convert_and_merge_sdxl_loras(tmp_path, tiny_sdxl_folder):
+    """`sdft convert` turns the diffusers SDXL LoRA into exactly the kohya file training wrote (and refuses to
+    guess SD names for it), converts that back to a diffusers file that draws the same, and `sdft merge` fuses
+    it into an SDXL single file equal to load_lora_weights + fuse_lora."""
+    from safetensors.torch import load_file
+
+    from finetune.cli import main
+    from finetune.formats.single_file import load_single_file
+    from finetune.trainer import run_training
+
+    config = make_config("lora", tmp_path / "run", **{"model.name": str(tiny_sdxl_folder), "train.lr": 1e-2,
+                                                      "lora.train_text_encoder": True, "lora.alpha": 2})
+    exports = run_training(config).summary["exports"]
+    diffusers_file, kohya_file = exports["diffusers"][0], exports["kohya"][0]
+    assert main(["convert", diffusers_file, "--output", str(tmp_path / "refused.safetensors")]) != 0
+    assert main(["convert", diffusers_file, "--base", str(tiny_sdxl_folder),
+                 "--output", str(tmp_path / "k.safetensors")]) == 0
+    ours, written = load_file(str(tmp_path / "k.safetensors")), load_file(kohya_file)
+    assert ours.keys() == written.keys() and all(torch.equal(ours[k], written[k]) for k in ours)
+    assert main(["convert", kohya_file, "--base", str(tiny_sdxl_folder), "--output", str(tmp_path / "back")]) == 0
+    prompt = "a photo of sks star"
+    want = ddim_pipeline(str(tiny_sdxl_folder))
+    want.load_lora_weights(diffusers_file)
+    back = ddim_pipeline(str(tiny_sdxl_folder))
+    back.load_lora_weights(str(tmp_path / "back" / "pytorch_lora_weights.safetensors"))
+    reference = render(want, prompt)
+    assert np.abs(render(back, prompt) - reference).max() < 1e-4
+    assert main(["merge", "--base", str(tiny_sdxl_folder), "--lora", kohya_file,
+                 "--output", str(tmp_path / "merged.safetensors")]) == 0
+    merged = load_single_file(tmp_path / "merged.safetensors", tiny_sdxl_folder, torch_dtype=torch.float32)
+    from diffusers import DDIMScheduler
+
+    merged.scheduler = DDIMScheduler.from_config(merged.scheduler.config)
+    assert np.abs(render(merged, prompt) - reference).max() < 1e-3

@@ -251,34 +251,13 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             for micro in range(tcfg.grad_accum):
                 micro_step = step * tcfg.grad_accum + micro
                 torch.manual_seed(tcfg.seed * 1_000_003 + micro_step)  # dropout inside adapters
-                specs = batches.specs(tcfg.seed, micro_step, tcfg.batch_size, accelerator.process_index,
-                                      accelerator.num_processes)
-                captions = batches.captions(specs, strategy.prompt_templates(), config.data.token,
-                                            config.data.class_word, caption_options)
-                latents, masks = batches.latents_and_masks(specs)
-                if class_batches is not None:
-                    class_specs = class_batches.specs(tcfg.seed + CLASS_SEED_OFFSET, micro_step,
-                                                      config.prior.batch_size or tcfg.batch_size,
-                                                      accelerator.process_index, accelerator.num_processes)
-                    specs = specs + class_specs
-                    captions = captions + class_batches.captions(class_specs, options=class_caption_options)
-                    class_latents, class_masks = class_batches.latents_and_masks(class_specs)
-                    if class_latents.shape[1:] == latents.shape[1:]:
-                        latents, masks = torch.cat([latents, class_latents]), torch.cat([masks, class_masks])
-                    else:  # --buckets: a non-square instance bucket next to square class images
-                        latents, masks = [latents, class_latents], [masks, class_masks]
-                # One UNet call per latent size (usually one); per-sample losses come back in `specs` order.
-                latent_parts = latents if isinstance(latents, list) else [latents]
-                mask_parts = masks if isinstance(masks, list) else [masks]
+                batch = gather_micro_batch(config, batches, class_batches, micro_step, accelerator.process_index,
+                                           accelerator.num_processes, strategy.prompt_templates(),
+                                           caption_options, class_caption_options)
                 with accelerator.accumulate(*wrapped):
-                    losses, first = [], 0
-                    for part_latents, part_masks in zip(latent_parts, mask_parts):
-                        part_specs = specs[first:first + len(part_latents)]
-                        part_captions = captions[first:first + len(part_latents)]
-                        first += len(part_latents)
-                        losses.append(_sample_losses(part_latents.to(accelerator.device), part_masks, part_specs,
-                                                     part_captions))
-                    losses = torch.cat(losses)
+                    # One UNet call per latent size (usually one); per-sample losses come back in batch order.
+                    losses = torch.cat([_sample_losses(latents.to(accelerator.device), masks, specs, captions)
+                                        for latents, masks, specs, captions in batch.parts()])
                     instance_loss = losses[: tcfg.batch_size].mean()
                     loss = instance_loss
                     if class_batches is not None:
@@ -390,6 +369,46 @@ def export_metadata(config: RunConfig, resolution: int, image_count: int) -> dic
     """What every export carries about its run, free of local paths (files users share)."""
     return {"config": shareable_config_yaml(config, image_count), "resolution": str(resolution),
             "steps": str(config.train.steps), "base_model": shareable_name(config.model.name)}
+
+
+@dataclass
+class MicroBatch:
+    """One micro-step's samples on this process: instance samples first, then class samples (prior
+    preservation), with their captions; latents and masks grouped by latent size (one UNet call each)."""
+
+    specs: list
+    captions: list[str]
+    latents: list[torch.Tensor]
+    masks: list[torch.Tensor]
+
+    def parts(self):
+        """(latents, masks, specs, captions) per UNet call, in sample order."""
+        first = 0
+        for latents, masks in zip(self.latents, self.masks):
+            end = first + len(latents)
+            yield latents, masks, self.specs[first:end], self.captions[first:end]
+            first = end
+
+
+def gather_micro_batch(config: RunConfig, batches: InstanceBatches, class_batches: InstanceBatches | None,
+                       micro_step: int, process_index: int, num_processes: int, templates,
+                       caption_options: CaptionOptions, class_caption_options: CaptionOptions) -> MicroBatch:
+    """The samples, captions, latents and masks of one micro-step, drawn deterministically (finetune.batching)."""
+    tcfg = config.train
+    specs = batches.specs(tcfg.seed, micro_step, tcfg.batch_size, process_index, num_processes)
+    captions = batches.captions(specs, templates, config.data.token, config.data.class_word, caption_options)
+    latents, masks = batches.latents_and_masks(specs)
+    if class_batches is None:
+        return MicroBatch(specs, captions, [latents], [masks])
+    class_specs = class_batches.specs(tcfg.seed + CLASS_SEED_OFFSET, micro_step,
+                                      config.prior.batch_size or tcfg.batch_size, process_index, num_processes)
+    class_captions = class_batches.captions(class_specs, options=class_caption_options)
+    class_latents, class_masks = class_batches.latents_and_masks(class_specs)
+    if class_latents.shape[1:] == latents.shape[1:]:
+        latents, masks = [torch.cat([latents, class_latents])], [torch.cat([masks, class_masks])]
+    else:  # --buckets: a non-square instance bucket next to square class images
+        latents, masks = [latents, class_latents], [masks, class_masks]
+    return MicroBatch(specs + class_specs, captions + class_captions, latents, masks)
 
 
 def tracker(report_to: str) -> str | None:

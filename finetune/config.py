@@ -414,15 +414,21 @@ def shareable_name(value: str | None) -> str | None:
     return value
 
 
-def shareable_config_yaml(config: RunConfig, image_count: int) -> str:
-    """The resolved config for export metadata: local paths cut to their names, the images as a count."""
-    import yaml
-
+def shareable_config_dict(config: RunConfig) -> dict:
+    """The resolved config with local paths cut to their names (for files and trackers others may see)."""
     data = saved_config_dict(config)
     for dotted in PATH_KEYS:
         section, _, key = dotted.partition(".")
         if section in data and data[section].get(key):
             data[section][key] = shareable_name(str(data[section][key]))
+    return data
+
+
+def shareable_config_yaml(config: RunConfig, image_count: int) -> str:
+    """The resolved config for export metadata: local paths cut to their names, the images as a count."""
+    import yaml
+
+    data = shareable_config_dict(config)
     data["data"]["images"] = f"{data['data']['images']} ({image_count} images)"
     return yaml.safe_dump(data, sort_keys=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import UserError
@@ -16,6 +17,29 @@ def pipeline_from_components(components, text_encoders=None, unet=None):
     return components.family.assemble_pipeline(
         components.vae, components.tokenizers, text_encoders or components.text_encoders, unet or components.unet,
         DDIMScheduler.from_config(components.noise_scheduler.config))
+
+
+@contextmanager
+def float32_vae_decode(vae):
+    """Decode in float32 while a float32 VAE runs under autocast (fp16/bf16 training): autocast would run its
+    convolutions in half precision anyway, and SDXL's VAE overflows there (black images). A VAE kept in half
+    precision, or no autocast at all, decodes as before."""
+    import torch
+
+    if next(vae.parameters()).dtype != torch.float32:
+        yield
+        return
+    original = vae.decode
+
+    def decode(latents, *args, **kwargs):
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            return original(latents.float(), *args, **kwargs)
+
+    vae.decode = decode
+    try:
+        yield
+    finally:
+        del vae.decode  # the class's own method again
 
 
 def detect_adapter_kind(path: str | Path) -> str:

@@ -59,13 +59,14 @@ def run_convert(args: argparse.Namespace) -> str:
     output = Path(args.output)
     _refuse_existing(output)
     tensors, metadata = _read(args.lora)
+    family, unet_config = _base_naming(args.base)
+    _check_fits(args.lora, tensors, unet_config)
     if _is_kohya(tensors):
         written = kohya_to_diffusers_pipeline(load_pipeline(args.base), Path(args.lora), output)
         apply_umask([output])
         return str(written)
     if output.suffix != ".safetensors":
         raise UserError("--output: a kohya LoRA is a .safetensors file")
-    family, unet_config = _base_naming(args.base)
     if is_sdxl_lora(tensors) and family.name != "sdxl":
         raise UserError(f"{args.lora} is an SDXL LoRA: pass --base with the SDXL model it belongs to (kohya's SDXL "
                         "names follow that model's UNet layout)")
@@ -76,20 +77,30 @@ def run_convert(args: argparse.Namespace) -> str:
 
 
 def _base_naming(base: str):
-    """(family, UNet config) of --base, read from a local folder's files where possible (no weights loaded)."""
+    """(family, UNet config) of --base: read from a diffusers folder's files (no weights loaded), else from the
+    loaded pipeline (a hub id or a single file)."""
     import json
 
-    from .families import family_named
+    from .families import family_named, family_of_pipeline
     from .models import detect_family_name, load_pipeline, resolve_base
 
-    source = Path(resolve_base(base))
-    family = family_named(detect_family_name(str(source)) or "sd")
-    if family.name != "sdxl":
-        return family, None
-    config_file = source / "unet" / "config.json"
-    if config_file.is_file():
-        return family, json.loads(config_file.read_text())
-    return family, dict(load_pipeline(base).unet.config)
+    source = resolve_base(base)
+    name, config_file = detect_family_name(source), Path(source) / "unet" / "config.json"
+    if name is not None and config_file.is_file():
+        return family_named(name), json.loads(config_file.read_text())
+    pipe = load_pipeline(base)
+    return family_of_pipeline(pipe), dict(pipe.unet.config)
+
+
+def _check_fits(path: str, tensors: dict, unet_config: dict) -> None:
+    """Refuse a LoRA made for a base of another size (SD 1.5 vs SDXL vs the toy base): its cross-attention key
+    projections read context of another width than the base's UNet."""
+    width = next((t.shape[1] for k, t in tensors.items()
+                  if k.endswith(("attn2.to_k.lora_A.weight", "attn2_to_k.lora_down.weight"))), None)
+    base_width = unet_config.get("cross_attention_dim")
+    if width is not None and isinstance(base_width, int) and width != base_width:
+        raise UserError(f"{path} reads {width}-wide text context, --base's UNet {base_width}-wide: pass --base with "
+                        "the model the LoRA was trained for")
 
 
 def parse_lora_scale(item: str) -> tuple[str, float]:

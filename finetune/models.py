@@ -244,8 +244,12 @@ def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = 
                 # A local folder supplies every config, so nothing is fetched and any shape loads.
                 kwargs["config"] = str(resolve_base(single_file_config))
                 kwargs["local_files_only"] = Path(kwargs["config"]).is_dir()
-            return pipeline_class.from_single_file(source, **kwargs)
-        return pipeline_class.from_pretrained(source, **kwargs)
+            pipe = pipeline_class.from_single_file(source, **kwargs)
+        else:
+            pipe = pipeline_class.from_pretrained(source, **kwargs)
+        if getattr(pipe, "watermark", None) is not None:
+            pipe.watermark = None  # an auto-detected SDXL hub model: samples and class images stay unmarked
+        return pipe
     except (OSError, ValueError) as exc:
         if "/" in source and not Path(source).exists():
             raise UserError(f"--model {name}: could not load it from the hub ({type(exc).__name__}); "

@@ -45,7 +45,7 @@ def ensure_class_images(config, components, resolution: int, accelerator) -> tup
     import torch
     from tqdm.auto import tqdm
 
-    from .inference import pipeline_from_components
+    from .inference import float32_vae_decode, pipeline_from_components
 
     folder = class_image_folder(config, components.source, resolution)
     wanted = config.prior.num_class_images
@@ -64,7 +64,7 @@ def ensure_class_images(config, components, resolution: int, accelerator) -> tup
             # Prompt and generator depend only on the image's index: the set does not depend on batch size.
             batch_prompts = [prompts[(index + i) % len(prompts)] for i in range(n)]
             gens = [torch.Generator().manual_seed(config.train.seed * 100_003 + index + i) for i in range(n)]
-            with torch.no_grad(), accelerator.autocast():
+            with torch.no_grad(), accelerator.autocast(), float32_vae_decode(pipe.vae):
                 images = pipe(batch_prompts, num_inference_steps=config.prior.generation_steps,
                               guidance_scale=config.output.guidance, generator=gens, height=resolution,
                               width=resolution).images

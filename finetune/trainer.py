@@ -13,7 +13,7 @@ import torch
 from . import UserError, pivotal
 from .batching import CaptionOptions, InstanceBatches
 from .checkpoint import ADAPTER_FILE, load_trainer_state, save_checkpoint
-from .config import RunConfig, save_config, shareable_config_yaml, shareable_name
+from .config import RunConfig, save_config, shareable_config_dict, shareable_config_yaml, shareable_name
 from .data import format_prompt, load_examples, warn_long_captions, warn_small_images
 from .ema import TrainedWeightsEMA
 from .formats.file_modes import apply_umask
@@ -122,6 +122,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     strategy = build_strategy(config)
     torch.manual_seed(tcfg.seed)  # adapter initialisation (e.g. LoRA's A matrices) depends on --seed only
     strategy.prepare(components)
+    family.freeze_unused(components.text_encoders)
     trainable = strategy.trainable_modules()
     for module in trainable:
         for param in module.parameters():
@@ -494,7 +495,7 @@ def _write_samples(accelerator, config, components, strategy, text_encoders, une
     """Generate the sample prompts on fixed seeds and save them as one grid PNG (no seeds: no samples)."""
     if not accelerator.is_main_process or not config.output.sample_seeds:
         return None
-    from .inference import generate, pipeline_from_components
+    from .inference import float32_vae_decode, generate, pipeline_from_components
     from .plots import image_grid
 
     # {token} and {class} in sample prompts follow --token/--class-word, so a recipe's samples survive an override.
@@ -508,7 +509,7 @@ def _write_samples(accelerator, config, components, strategy, text_encoders, une
     for m in modules:
         m.eval()
     try:
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), float32_vae_decode(pipe.vae):
             # The pipeline expands multi-vector tokens itself (maybe_convert_prompt): pass prompts as written.
             images = generate(pipe, prompts, config.output.sample_seeds,
                               steps=config.output.sample_steps, guidance=config.output.guidance,
@@ -523,8 +524,9 @@ def _write_samples(accelerator, config, components, strategy, text_encoders, une
 
 
 def _flat_hparams(config: RunConfig) -> dict:
+    """The config as flat `section.key` hyperparameters for the trackers, local paths cut to their names."""
     flat = {}
-    for section, values in config.to_dict().items():
+    for section, values in shareable_config_dict(config).items():
         if isinstance(values, dict):
             for key, value in values.items():
                 flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)

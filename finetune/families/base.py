@@ -66,6 +66,9 @@ class Family(Protocol):
     def assemble_pipeline(self, vae, tokenizers: list, text_encoders: list, unet, scheduler):
         """A pipeline of this family over these parts (no safety checker, no watermark)."""
 
+    def freeze_unused(self, text_encoders: list) -> None:
+        """Freeze text-encoder parts whose output the family's conditioning never uses."""
+
     def kohya_unet_name(self, module_path: str, unet_config) -> str:
         """The UNet module's name in kohya's LoRA keys (without `lora_unet_`), dots kept."""
 

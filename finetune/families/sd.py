@@ -30,6 +30,9 @@ class StableDiffusionFamily:
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
 
+    def freeze_unused(self, text_encoders) -> None:
+        """Every part of the text encoder reaches the UNet: nothing to freeze."""
+
     def kohya_unet_name(self, module_path: str, unet_config) -> str:
         # kohya's SD1/2 networks walk a UNet with diffusers' module names.
         return module_path

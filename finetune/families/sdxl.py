@@ -46,6 +46,14 @@ class StableDiffusionXLFamily:
                                          tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
                                          scheduler=scheduler, add_watermarker=False)
 
+    def freeze_unused(self, text_encoders) -> None:
+        """CLIP-L's last layer and final norm never reach SDXL's conditioning (its penultimate states are used,
+        its pooled output is not): freeze them, as kohya's SDXL trainer does, so nothing trained goes unused
+        (multi-process training refuses parameters that get no gradient)."""
+        clip_l = getattr(text_encoders[0], "text_model", text_encoders[0])
+        for module in (clip_l.encoder.layers[-1], clip_l.final_layer_norm):
+            module.requires_grad_(False)
+
     def kohya_unet_name(self, module_path: str, unet_config) -> str:
         from ..formats.single_file import ldm_unet_module_name
 

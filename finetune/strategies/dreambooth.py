@@ -128,35 +128,37 @@ def _blend_into(module, tuned_state: dict, scale: float) -> None:
             target.copy_(tuned if scale == 1.0 else target + scale * (tuned - target))
 
 
-def _added_words(pipe, folder: Path) -> dict[str, int]:
-    """Words the fine-tune's tokenizer has and the pipeline's lacks (a pivotal run's new word): {word: row}."""
+def _added_words(tokenizer, folder: Path) -> dict[str, int]:
+    """Words the fine-tune's tokenizer (saved in `folder`) has and `tokenizer` lacks (a pivotal run's new word):
+    {word: row}."""
     from transformers import CLIPTokenizer
 
-    if not (folder / "tokenizer").is_dir():
+    if not folder.is_dir():
         return {}
-    known = pipe.tokenizer.get_vocab()
-    tuned_tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    known = tokenizer.get_vocab()
+    tuned_tokenizer = CLIPTokenizer.from_pretrained(folder)
     return {word: row for word, row in tuned_tokenizer.get_added_vocab().items() if word not in known}
 
 
-def _install_words(pipe, added: dict[str, int], tuned_text_encoder) -> None:
-    """Add `added` to the pipeline with their rows exactly as trained (whatever the blend scale: the base has
-    no such word to blend with)."""
+def _install_words(tokenizer, text_encoder, added: dict[str, int], tuned_text_encoder) -> None:
+    """Add `added` to one tokenizer + text encoder with their rows exactly as trained (whatever the blend scale:
+    the base has no such word to blend with)."""
     from .textual_inversion import add_placeholder_tokens
 
     words = sorted(added, key=added.get)
     rows = tuned_text_encoder.get_input_embeddings().weight.detach()
-    ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, words)
-    weight = pipe.text_encoder.get_input_embeddings().weight
+    ids = add_placeholder_tokens(tokenizer, text_encoder, words)
+    weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         weight[ids] = rows[[added[w] for w in words]].to(weight.device, weight.dtype)
 
 
 def load_into(pipe, path: str, scale: float = 1.0) -> str:
-    """Replace the pipeline's UNet (and text encoder, if it was trained) by a fine-tuned one, blended
-    with the current weights by `scale`; words the fine-tune added to its tokenizer join the pipeline."""
+    """Replace the pipeline's UNet (and text encoders, if they were trained) by a fine-tuned one, blended
+    with the current weights by `scale`; words the fine-tune added to its tokenizers join the pipeline."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+
+    from ..families import family_of_pipeline
 
     folder = Path(path)
     if not folder.is_dir():
@@ -171,17 +173,18 @@ def load_into(pipe, path: str, scale: float = 1.0) -> str:
     info = json.loads(marker.read_text()) if marker.is_file() else {"train_text_encoder": True}
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     _blend_into(pipe.unet, unet.state_dict(), scale)
-    added = _added_words(pipe, folder)
     train_te = bool(info.get("train_text_encoder"))
-    if (added or train_te) and (folder / "text_encoder").is_dir():
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")  # read once for both uses
+    family = family_of_pipeline(pipe)
+    for tokenizer_part, encoder_part in zip(family.tokenizer_parts, family.text_encoder_parts):
+        tokenizer, encoder = getattr(pipe, tokenizer_part), getattr(pipe, encoder_part)
+        added = _added_words(tokenizer, folder / tokenizer_part)
+        if not (added or train_te) or not (folder / encoder_part).is_dir():
+            continue
+        tuned = type(encoder).from_pretrained(folder / encoder_part)  # read once for both uses
         if added:
-            _install_words(pipe, added, text_encoder)
+            _install_words(tokenizer, encoder, added, tuned)
         if train_te:
-            _blend_into(pipe.text_encoder, text_encoder.state_dict(), scale)
-    second = getattr(pipe, "text_encoder_2", None)
-    if train_te and second is not None and (folder / "text_encoder_2").is_dir():  # SDXL's OpenCLIP-G
-        _blend_into(second, type(second).from_pretrained(folder / "text_encoder_2").state_dict(), scale)
+            _blend_into(encoder, tuned.state_dict(), scale)
     return folder.name
 
 

@@ -34,7 +34,8 @@ def unet_target_modules(unet, targets: str) -> list[str]:
                 names.append(name)
         elif targets == "all":
             # The kohya set plus resnet/down/up-sampler convs (LoCon-style): small bases need these.
-            if (is_linear or is_conv) and not name.startswith(("conv_in", "conv_out", "time_embedding")):
+            if (is_linear or is_conv) and not name.startswith(("conv_in", "conv_out", "time_embedding",
+                                                                "add_embedding")):
                 names.append(name)
         else:
             suffixes = [s.strip() for s in targets.split(",") if s.strip()]

@@ -28,8 +28,8 @@ def _embedding_name(components) -> str:
 
 def _copy_text_side(components):
     """Components sharing the (untouched) UNet/VAE but with their own tokenizer and text encoder."""
-    return dataclasses.replace(components, tokenizer=copy.deepcopy(components.tokenizer),
-                               text_encoder=copy.deepcopy(components.text_encoder))
+    return dataclasses.replace(components, tokenizers=copy.deepcopy(components.tokenizers),
+                               text_encoders=copy.deepcopy(components.text_encoders))
 
 
 def _fresh_pipe(base):

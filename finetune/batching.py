@@ -7,6 +7,7 @@ one uninterrupted single-process run, without saving or restoring any data-loade
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,17 +22,20 @@ def sample_generator(seed: int, micro_step: int, position: int) -> torch.Generat
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 10_007 + position)
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
-    """A shuffled order of the n examples for one epoch."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch)).tolist()
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    """A shuffled order of the n draws of one epoch (cached: consecutive steps walk the same epoch)."""
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch)).tolist())
 
 
-def global_indices(seed: int, micro_step: int, global_batch: int, n: int) -> list[int]:
-    """The example indices of one micro-step's global batch (epochs walk shuffled orders)."""
+def global_indices(seed: int, micro_step: int, global_batch: int, pool: list[int]) -> list[int]:
+    """The example indices of one micro-step's global batch: epochs walk shuffled orders of `pool`, the example
+    indices one epoch draws (each example once, or as often as its data set's repeats)."""
     out = []
+    n = len(pool)
     for j in range(global_batch):
         position = micro_step * global_batch + j
-        out.append(epoch_order(seed, position // n, n)[position % n])
+        out.append(pool[epoch_order(seed, position // n, n)[position % n]])
     return out
 
 
@@ -78,8 +82,11 @@ class InstanceBatches:
 
     def __init__(self, examples: list[Example], vae, vae_scale: float, resolution: int, *, center_crop: bool,
                  random_flip: bool, cache_latents: bool, device, dtype, disk_cache=None,
-                 sizes: list[tuple[int, int]] | None = None, sample_posterior: bool = True):
+                 sizes: list[tuple[int, int]] | None = None, sample_posterior: bool = True,
+                 pool: list[int] | None = None):
         self.examples = examples
+        # The example indices one epoch draws: each once, or as often as its data set's repeats (concepts.draw_pool).
+        self.pool = pool if pool is not None else list(range(len(examples)))
         self.vae, self.vae_scale = vae, vae_scale
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         # A random crop differs each time, so only center crops can be cached.
@@ -94,17 +101,19 @@ class InstanceBatches:
         self.groups: list[list[int]] = []
         if sizes is not None:
             by_size: dict[tuple[int, int], list[int]] = {}
-            for index, size in enumerate(sizes):
-                by_size.setdefault(size, []).append(index)
+            for index in self.pool:
+                by_size.setdefault(sizes[index], []).append(index)
             self.groups = [by_size[size] for size in sorted(by_size)]
+
+    def draws(self, seed: int, micro_step: int, global_batch: int) -> list[int]:
+        """The example indices of one micro-step's global batch (every process computes the same)."""
+        if self.groups:
+            return bucket_indices(seed, micro_step, global_batch, self.groups)
+        return global_indices(seed, micro_step, global_batch, self.pool)
 
     def specs(self, seed: int, micro_step: int, batch_size: int, process_index: int, num_processes: int):
         """The samples this process trains on at `micro_step`."""
-        global_batch = batch_size * num_processes
-        if self.groups:
-            indices = bucket_indices(seed, micro_step, global_batch, self.groups)
-        else:
-            indices = global_indices(seed, micro_step, global_batch, len(self.examples))
+        indices = self.draws(seed, micro_step, batch_size * num_processes)
         specs = []
         for j in range(process_index * batch_size, (process_index + 1) * batch_size):
             gen = sample_generator(seed, micro_step, j)
@@ -182,10 +191,11 @@ class InstanceBatches:
             masks.append(mask if mask is not None else torch.ones((1, *mean.shape[-2:]), device=mean.device))
         return torch.stack(out), torch.stack(masks)
 
-    def captions(self, specs: list[SampleSpec], templates: list[str] | None = None,
-                 token: str = "", class_word: str = "", options: CaptionOptions | None = None) -> list[str]:
-        """Each sample's caption; without a caption file, a random template when `templates` is given;
-        then the optional augmentation."""
+    def captions(self, specs: list[SampleSpec], templates: list[str] | None = None, token: str = "",
+                 class_word: str = "", options: CaptionOptions | list[CaptionOptions] | None = None) -> list[str]:
+        """Each sample's caption; without a caption file, a random template when `templates` is given (filled with
+        the example's own token and class when its data set names them); then the optional augmentation (one
+        CaptionOptions, or one per data set)."""
         from .data import format_prompt
 
         out = []
@@ -193,8 +203,10 @@ class InstanceBatches:
             example = self.examples[spec.index]
             if templates and not example.from_caption_file:
                 choice = int(torch.randint(0, len(templates), (1,), generator=spec.generator))
-                caption = format_prompt(templates[choice], token, class_word)
+                caption = format_prompt(templates[choice], token if example.token is None else example.token,
+                                        class_word if example.class_word is None else example.class_word)
             else:
                 caption = example.caption
-            out.append(options.apply(caption, spec.generator) if options else caption)
+            chosen = options[example.concept] if isinstance(options, list) else options
+            out.append(chosen.apply(caption, spec.generator) if chosen else caption)
         return out

@@ -70,6 +70,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, config: RunConfig) -> Non
         group = parser.add_argument_group(section)
         obj = getattr(config, section)
         for f in dataclasses.fields(obj):
+            if not f.metadata.get("cli", True):
+                continue  # a recipe-only setting (a list of mappings)
             scalar, is_list, _ = field_kind(f)
             default = getattr(obj, f.name)
             help_text = f"{f.metadata.get('help', '')} (default: {default})"
@@ -253,6 +255,9 @@ def _print_summary(summary: dict) -> None:
     for fmt, paths in summary["exports"].items():
         for path in paths:
             print(f"  export ({fmt}): {path}")
+    if len(summary.get("datasets") or []) > 1:
+        print("  data sets: " + ", ".join(f"{d['name']} {d['samples']} samples ({d['images']} images x {d['repeats']})"
+                                          for d in summary["datasets"]))
     print(f"  samples: {summary['samples']}")
     print(f"  loss plot: {summary['loss_plot']}")
     print(f"  summary: {os.path.join(os.path.dirname(summary['config']), 'summary.json')}")

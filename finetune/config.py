@@ -22,9 +22,9 @@ from . import UserError
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree")
 
 
-def opt(default, help: str, flag: str | None = None, choices: tuple | None = None, **kw):
-    """A config field with its help text, an optional CLI flag name and allowed values."""
-    meta = {"help": help, "flag": flag, "choices": choices}
+def opt(default, help: str, flag: str | None = None, choices: tuple | None = None, cli: bool = True, **kw):
+    """A config field with its help text, an optional CLI flag name and allowed values (cli=False: recipes only)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "cli": cli}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -47,9 +47,29 @@ class ModelConfig:
 
 
 @dataclass
+class DatasetConfig:
+    """One entry of data.datasets (recipes only); unset keys take the data section's value."""
+
+    images: str | None = opt(None, "folder of this data set's images (as --images)")
+    token: str | None = opt(None, "its trigger word (default: data.token)")
+    class_word: str | None = opt(None, "its class (default: data.class_word); prior preservation generates class "
+                                 "images for each class named")
+    prompt: str | None = opt(None, "its prompt template (default: data.prompt)")
+    repeats: int = opt(1, "times each of its images is drawn per epoch (kohya's N_ folder prefix): its share of the "
+                       "samples is repeats x images")
+    resolution: int | None = opt(None, "its training resolution (default: data.resolution)")
+    caption_dropout: float | None = opt(None, "default: data.caption_dropout")
+    shuffle_captions: bool | None = opt(None, "default: data.shuffle_captions")
+    keep_tokens: int | None = opt(None, "default: data.keep_tokens")
+
+
+@dataclass
 class DataConfig:
     images: str | None = opt(None, "folder of instance images (captions: img.txt beside img.png, or metadata.jsonl), "
-                             "or a `datasets` image data set saved with save_to_disk (caption column text/caption/prompt)")
+                             "a `datasets` image data set saved with save_to_disk (caption column text/caption/prompt), "
+                             "or a folder of kohya-style sub-folders 'N_token class' (N repeats each)")
+    datasets: list[DatasetConfig] = opt([], "several data sets in one run (recipes only): a list of {images, token, "
+                                        "class_word, prompt, repeats, resolution, caption options}", cli=False)
     token: str = opt("sks", "the rare word the concept is bound to")
     class_word: str = opt("", "the concept's class, e.g. dog (used in prompts and prior preservation)")
     prompt: str = opt("a photo of {token} {class}", "instance prompt template; caption files override it")
@@ -343,6 +363,7 @@ class RunConfig:
                                                              or self.train.ema_decay):
             raise UserError("train.optimizer=adamw_schedulefree replaces the lr schedule and the weight average: use "
                             "--lr-scheduler constant (its --lr-warmup-steps still apply) and no --ema-decay")
+        self._validate_datasets()
         if not 0.0 <= self.data.validation_share <= 0.5:
             raise UserError(f"data.validation_share must be between 0 and 0.5, got {self.data.validation_share}")
         if self.data.validation_share and self.data.validation_images:
@@ -368,8 +389,18 @@ class RunConfig:
                 raise UserError("pivotal.steps must be >= 0, pivotal.vectors >= 1 and pivotal.lr > 0")
             if self.pivotal.norm is not None and self.pivotal.norm <= 0:
                 raise UserError(f"pivotal.norm must be > 0 (or unset), got {self.pivotal.norm}")
-        if self.prior.enabled and not self.data.class_word and "{class}" in self.prior.class_prompt:
-            raise UserError("prior preservation needs --class-word (e.g. dog), or --no-prior")
+
+    def _validate_datasets(self) -> None:
+        if self.data.datasets and self.data.images:
+            raise UserError("pass data.images or data.datasets, not both")
+        for index, entry in enumerate(self.data.datasets):
+            name = f"data.datasets[{index}]"
+            if entry.repeats < 1:
+                raise UserError(f"{name}.repeats must be >= 1, got {entry.repeats}")
+            if entry.resolution is not None and (entry.resolution < 8 or entry.resolution % 8):
+                raise UserError(f"{name}.resolution={entry.resolution}: use a multiple of 8 (e.g. 512)")
+            if entry.caption_dropout is not None and not 0.0 <= entry.caption_dropout <= 1.0:
+                raise UserError(f"{name}.caption_dropout must be between 0 and 1, got {entry.caption_dropout}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -421,6 +452,8 @@ def shareable_config_dict(config: RunConfig) -> dict:
         section, _, key = dotted.partition(".")
         if section in data and data[section].get(key):
             data[section][key] = shareable_name(str(data[section][key]))
+    for entry in data["data"].get("datasets") or []:
+        entry["images"] = shareable_name(entry["images"])
     return data
 
 
@@ -429,7 +462,8 @@ def shareable_config_yaml(config: RunConfig, image_count: int) -> str:
     import yaml
 
     data = shareable_config_dict(config)
-    data["data"]["images"] = f"{data['data']['images']} ({image_count} images)"
+    if data["data"]["images"]:
+        data["data"]["images"] = f"{data['data']['images']} ({image_count} images)"
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -465,12 +499,34 @@ def coerce(value: Any, f: dataclasses.Field, name: str) -> Any:
             return [] if is_list else None
         raise UserError(f"{name} cannot be empty")
     try:
+        if dataclasses.is_dataclass(scalar):
+            return _entries(value, scalar, name)
         if is_list:
             items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
             return [_scalar(v, scalar) for v in items]
         return _scalar(value, scalar)
     except (TypeError, ValueError) as exc:
         raise UserError(f"{name}={value!r}: expected {scalar.__name__}{' list' if is_list else ''}") from exc
+
+
+def _entries(value: Any, kind: type, name: str) -> list:
+    """A recipe list of mappings (e.g. data.datasets) as `kind` dataclasses, each key checked and coerced."""
+    if isinstance(value, dict) or not isinstance(value, (list, tuple)):
+        raise UserError(f"{name}: expected a list of mappings (- images: ...)")
+    entries = []
+    for index, item in enumerate(value):
+        if dataclasses.is_dataclass(item):
+            item = dataclasses.asdict(item)
+        if not isinstance(item, dict):
+            raise UserError(f"{name}[{index}]: expected a mapping (images: ..., repeats: ...), got {item!r}")
+        fields = {f.name: f for f in dataclasses.fields(kind)}
+        entry = kind()
+        for key, raw in item.items():
+            if key not in fields:
+                raise UserError(f"unknown key '{name}[{index}].{key}'{_suggest(key, fields)}")
+            setattr(entry, key, coerce(raw, fields[key], f"{name}[{index}].{key}"))
+        entries.append(entry)
+    return entries
 
 
 def _scalar(value: Any, kind: type) -> Any:
@@ -492,7 +548,7 @@ def _scalar(value: Any, kind: type) -> Any:
     return kind(value)
 
 
-_SECTION_CLASSES = [ModelConfig, DataConfig, TrainConfig, PriorConfig, OutputConfig, LoraConfig,
+_SECTION_CLASSES = [ModelConfig, DatasetConfig, DataConfig, TrainConfig, PriorConfig, OutputConfig, LoraConfig,
                     TextualInversionConfig, HypernetworkConfig, DreamBoothConfig, PivotalConfig]
 
 

@@ -24,6 +24,9 @@ class Example:
     image: object
     caption: str
     from_caption_file: bool = False  # caption files win over a strategy's prompt templates
+    concept: int = 0  # which of the run's data sets it belongs to (finetune.concepts)
+    token: str | None = None  # its data set's trigger word and class for prompt templates (None: the run's)
+    class_word: str | None = None
 
 
 def format_prompt(template: str, token: str, class_word: str) -> str:

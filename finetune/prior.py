@@ -13,6 +13,31 @@ from .models import cache_root
 log = logging.getLogger(__name__)
 
 
+def class_image_configs(config, concepts) -> list:
+    """One config per set of class images the run's concepts need (prior preservation per concept): each with
+    its concept's token and class filled in, concepts whose class prompts agree sharing one. With several sets,
+    a --class-images folder holds one sub-folder per class. A concept without a class gets none."""
+    import copy
+
+    from . import UserError
+
+    found: dict[tuple[str, ...], object] = {}
+    for concept in concepts:
+        templates = config.prior.class_prompts or [config.prior.class_prompt]
+        if not concept.class_word and any("{class}" in t for t in templates):
+            continue
+        own = copy.deepcopy(config)
+        own.data.token, own.data.class_word = concept.token, concept.class_word
+        found.setdefault(tuple(class_prompts(own)), own)
+    if not found:
+        raise UserError("prior preservation needs --class-word (e.g. dog), or --no-prior")
+    sets = list(found.values())
+    if len(sets) > 1 and config.prior.class_images:
+        for index, own in enumerate(sets):
+            own.prior.class_images = str(Path(config.prior.class_images) / (own.data.class_word or f"class-{index}"))
+    return sets
+
+
 def class_prompts(config) -> list[str]:
     """The prompts the class images are generated from, {token}/{class} filled in."""
     templates = config.prior.class_prompts or [config.prior.class_prompt]

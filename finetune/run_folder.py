@@ -95,7 +95,7 @@ def check_output_folder(config) -> Path | None:
 def refuse_overwriting_inputs(config, out: Path) -> None:
     """--overwrite never touches the run's own inputs: refuse when one of them lives inside the folder."""
     inputs = [config.data.images, config.data.validation_images, config.prior.class_images,
-              config.data.latent_cache_dir]
+              config.data.latent_cache_dir, *(entry.images for entry in config.data.datasets)]
     root = out.resolve()
     for value in filter(None, inputs):
         path = Path(value).expanduser().resolve()

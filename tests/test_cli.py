@@ -124,7 +124,8 @@ def test_tiny_recipes_load_and_point_at_shipped_data(monkeypatch):
         config = load_recipe(recipe)
         config.validate()
         if recipe.name.startswith("tiny_"):
-            assert Path(config.data.images).is_dir(), recipe.name
+            folders = [config.data.images] if config.data.images else [d.images for d in config.data.datasets]
+            assert folders and all(Path(folder).is_dir() for folder in folders), recipe.name
             if config.prior.enabled and config.prior.class_images:
                 class_images = Path(config.prior.class_images)
                 assert len(list(class_images.glob("*.png"))) >= config.prior.num_class_images, recipe.name

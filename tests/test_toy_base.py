@@ -114,7 +114,7 @@ def test_quality_bench_can_use_rendered_class_images(tmp_path):
                              prior_images="renders", class_images=6)
     run_quality_bench(cfg, log=lambda _: None)
     summary = json.loads((tmp_path / "runs" / "lora_prior=1_seed=0" / "summary.json").read_text())
-    assert summary["class_images"] == str(tmp_path / "class-renders") and summary["class_images_generated"] == 0
+    assert summary["class_images"] == [str(tmp_path / "class-renders")] and summary["class_images_generated"] == 0
     captions = [p.read_text() for p in sorted((tmp_path / "class-renders").glob("*.txt"))]
     probes = {prompt for prompt, *_ in class_prompt_set(4)}
     assert len(captions) == 6 and all(c.startswith("a photo of a ") for c in captions)

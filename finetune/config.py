@@ -187,7 +187,13 @@ class OutputConfig:
 class LoraConfig:
     rank: int = opt(4, "LoRA rank of the UNet")
     alpha: float | None = opt(None, "LoRA alpha of the UNet (default: rank, i.e. scale 1)")
-    dropout: float = opt(0.0, "LoRA dropout")
+    algo: str = opt("lora", "adapter type: lora; dora (LoRA with each weight row's length learned apart, Liu et al. "
+                    "2024); loha (Hadamard product of two low-rank pairs); lokr (Kronecker product of two factors). "
+                    "dora, loha and lokr export in LyCORIS's layout (A1111, ComfyUI, Forge)",
+                    choices=("lora", "dora", "loha", "lokr"))
+    lokr_factor: int = opt(-1, "lokr: split each weight dimension into this factor and the rest (-1: as square as "
+                           "possible)")
+    dropout: float = opt(0.0, "LoRA dropout (lora and dora)")
     targets: str = opt("attn", "UNet modules: 'attn' (to_q/k/v/out, diffusers' examples), 'kohya' (every "
                        "Linear and 1x1 conv in the transformer blocks), 'all' (kohya + resnet convs), "
                        "or a comma list of module-name suffixes")
@@ -382,6 +388,10 @@ class RunConfig:
                 raise UserError("lora.alpha and lora.text_encoder_alpha must be > 0 (or unset: the rank)")
             if not 0.0 <= lora.dropout < 1.0:
                 raise UserError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+            if lora.dropout and lora.algo in ("loha", "lokr"):
+                raise UserError(f"lora.dropout works with lora and dora; lora.algo={lora.algo} trains without it")
+            if lora.lokr_factor == 0 or lora.lokr_factor < -1:
+                raise UserError(f"lora.lokr_factor must be -1 or >= 1, got {lora.lokr_factor}")
         if self.data.buckets and (self.data.bucket_step < 8 or self.data.bucket_step % 8):
             raise UserError("data.bucket_step must be a multiple of 8 (the VAE's downsampling), e.g. 64")
         if "pivotal" in self.sections() and self.pivotal.steps:

@@ -16,8 +16,8 @@ def add_commands(sub) -> None:
     p.add_argument("--output", required=True, help="kohya: a .safetensors file; diffusers: a folder")
     p.add_argument("--base", default="tiny", help="base whose module names a kohya file is read against, and for "
                    "SDXL the base whose UNet names a kohya file uses (as --model)")
-    p = sub.add_parser("merge", help="fuse one or more LoRAs into a base and save it (diffusers folder or "
-                       "single file)", allow_abbrev=False)
+    p = sub.add_parser("merge", help="fuse one or more LoRAs (plain, or LyCORIS: LoHa, LoKr, DoRA) into a base and "
+                       "save it (diffusers folder or single file)", allow_abbrev=False)
     p.add_argument("--base", required=True, help="base model (as --model)")
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]",
                    help="a LoRA file and its scale (default 1.0); repeat for several")
@@ -44,6 +44,14 @@ def _is_kohya(tensors: dict) -> bool:
     return any(k.startswith(("lora_unet_", "lora_te")) for k in tensors)
 
 
+def _refuse_lycoris(path: str, tensors: dict, command: str) -> None:
+    from .formats.lycoris import is_lycoris
+
+    if is_lycoris(tensors):
+        raise UserError(f"{path}: a LyCORIS file (LoHa, LoKr or DoRA); sdft {command} handles plain LoRA files "
+                        "(sdft merge and sdft generate apply LyCORIS files)")
+
+
 def _refuse_existing(output: Path) -> None:
     if output.exists():
         raise UserError(f"--output {output} exists; choose a new name (sdft never overwrites your files)")
@@ -59,6 +67,7 @@ def run_convert(args: argparse.Namespace) -> str:
     output = Path(args.output)
     _refuse_existing(output)
     tensors, metadata = _read(args.lora)
+    _refuse_lycoris(args.lora, tensors, "convert")
     family, unet_config = _base_naming(args.base)
     _check_fits(args.lora, tensors, unet_config)
     if _is_kohya(tensors):
@@ -119,6 +128,7 @@ def run_merge(args: argparse.Namespace) -> str:
     from .formats.single_file import save_single_file
     from .inference import check_safetensors_file
     from .models import load_pipeline
+    from .strategies.lora import can_load_lycoris, merge_lycoris_into
 
     output = Path(args.output)
     _refuse_existing(output)
@@ -126,13 +136,18 @@ def run_merge(args: argparse.Namespace) -> str:
     for path, _ in loras:
         check_safetensors_file(Path(path), "--lora")  # a damaged or missing file fails before the base loads
     pipe = load_pipeline(args.base)
-    names = [f"merge_{index}" for index in range(len(loras))]
-    for name, (path, _) in zip(names, loras):
+    lycoris = [(path, scale) for path, scale in loras if can_load_lycoris(Path(path))]
+    plain = [(path, scale) for path, scale in loras if (path, scale) not in lycoris]
+    names = [f"merge_{index}" for index in range(len(plain))]
+    for name, (path, _) in zip(names, plain):
         pipe.load_lora_weights(path, adapter_name=name)
-    # All at once: fusing one adapter and then loading the next would unmerge the first.
-    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
-    pipe.fuse_lora(adapter_names=names)
-    pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    if names:
+        # All at once: fusing one adapter and then loading the next would unmerge the first.
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in plain])
+        pipe.fuse_lora(adapter_names=names)
+        pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    for path, scale in lycoris:  # LoHa, LoKr, DoRA: added into the weights as A1111 and ComfyUI apply them
+        merge_lycoris_into(pipe, path, scale)
     if output.suffix == ".safetensors":
         save_single_file(pipe, output)
     else:
@@ -151,6 +166,7 @@ def run_resize(args: argparse.Namespace) -> str:
     if args.rank < 1:
         raise UserError("--rank must be >= 1")
     tensors, metadata = _read(args.lora)
+    _refuse_lycoris(args.lora, tensors, "resize-lora")
     if not _is_kohya(tensors):
         raise UserError(f"{args.lora}: not a kohya LoRA; convert it first (sdft convert)")
     resized, report = resize_kohya(tensors, args.rank)

@@ -22,19 +22,21 @@ def _all_params(components):
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-@pytest.mark.parametrize("method", strategy_names())
+@pytest.mark.parametrize("method", [*strategy_names(), "lora:dora", "lora:loha", "lora:lokr"])
 def test_strategy_contract(method, family, tmp_path, request):
     """Over every base family: the toy SD base, and the tiny SDXL (both text encoders trained where the method
-    can train them)."""
+    can train them); LoRA also as each LyCORIS algorithm (lora.algo)."""
     from finetune.data import format_prompt
     from finetune.inference import load_adapter, pipeline_from_components
     from finetune.models import load_components
     from finetune.trainer import run_training
 
+    method, _, algo = method.partition(":")
     base = "tiny" if family == "sd" else str(request.getfixturevalue("tiny_sdxl_folder"))
+    options = {"lora.algo": algo} if algo else {}
     # Every format the method can write, not only its defaults: each one must reload.
-    formats = ",".join(build_strategy(make_config(method, tmp_path)).formats)
-    options = {"train.lr": CONTRACT_LR.get(method, 1e-3), "output.formats": formats, "model.name": base}
+    formats = ",".join(build_strategy(make_config(method, tmp_path, **options)).formats)
+    options.update({"train.lr": CONTRACT_LR.get(method, 1e-3), "output.formats": formats, "model.name": base})
     if family == "sdxl" and method in ("lora", "dreambooth"):
         options[f"{method}.train_text_encoder"] = True
     config = make_config(method, tmp_path / "run", **options)

@@ -56,6 +56,11 @@ class Strategy(Protocol):
 class StrategyDefaults:
     """The protocol's hooks that most methods leave as no-ops; a strategy overrides what it needs."""
 
+    @classmethod
+    def formats_for(cls, config) -> tuple[str, ...]:
+        """The export formats a run with this config can write (a method's settings may rule some out)."""
+        return cls.formats
+
     def trains_text_encoder(self) -> bool:
         return False
 
@@ -116,11 +121,12 @@ def check_formats(config: "RunConfig") -> list[str]:
 
     _load_builtin()
     cls = _REGISTRY[config.method]
-    formats = config.output.formats or list(cls.default_formats)
-    unknown = [f for f in formats if f not in cls.formats]
+    available = cls.formats_for(config)
+    formats = config.output.formats or [f for f in cls.default_formats if f in available]
+    unknown = [f for f in formats if f not in available]
     if unknown:
         raise UserError(f"output.formats: {', '.join(unknown)} not written by {config.method} "
-                        f"(choose from {', '.join(cls.formats)})")
+                        f"(choose from {', '.join(available)})")
     return formats
 
 

@@ -48,11 +48,24 @@ def text_encoder_targets(unet_targets: str) -> list[str]:
     return TEXT_ENCODER_KOHYA_TARGETS if unet_targets in ("kohya", "all") else TEXT_ENCODER_TARGETS
 
 
-def _adapter_config(rank: int, alpha: float, dropout: float, targets: list[str]):
+# Adapter types whose files are written in LyCORIS's layout (diffusers' loader applies none of them).
+LYCORIS_ALGOS = ("dora", "loha", "lokr")
+
+
+def _adapter_config(algo: str, rank: int, alpha: float, dropout: float, targets: list[str], lokr_factor: int = -1):
+    """peft's config for one adapter type; every one starts as an exact no-op (one factor at zero)."""
+    if algo == "loha":
+        from peft import LoHaConfig
+
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets)
+    if algo == "lokr":
+        from peft import LoKrConfig
+
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=lokr_factor)
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                          init_lora_weights="gaussian")
+                          init_lora_weights="gaussian", use_dora=algo == "dora")
 
 
 def file_stem(token: str) -> str:
@@ -69,8 +82,14 @@ class LoraStrategy(StrategyDefaults):
     default_formats = formats
     adapter_name = "default"
 
+    @classmethod
+    def formats_for(cls, config) -> tuple[str, ...]:
+        # diffusers' loader drops DoRA's magnitudes and refuses LoHa/LoKr: those ship in LyCORIS's layout only.
+        return ("kohya",) if config.lora.algo in LYCORIS_ALGOS else cls.formats
+
     def __init__(self, config):
         self.config = config
+        self.formats = self.formats_for(config)
         cfg = config.lora
         self.rank = cfg.rank
         self.alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
@@ -88,10 +107,11 @@ class LoraStrategy(StrategyDefaults):
             from .. import UserError
 
             raise UserError(f"lora.targets={cfg.targets!r} matches no module of this UNet")
-        components.unet.add_adapter(_adapter_config(self.rank, self.alpha, cfg.dropout, targets))
+        components.unet.add_adapter(_adapter_config(cfg.algo, self.rank, self.alpha, cfg.dropout, targets,
+                                                    cfg.lokr_factor))
         for encoder in self._text_encoders():
-            encoder.add_adapter(
-                _adapter_config(self.te_rank, self.te_alpha, cfg.dropout, text_encoder_targets(cfg.targets)))
+            encoder.add_adapter(_adapter_config(cfg.algo, self.te_rank, self.te_alpha, cfg.dropout,
+                                                text_encoder_targets(cfg.targets), cfg.lokr_factor))
 
     def _text_encoders(self) -> list:
         """The text encoders that carry LoRA: every one of the base's (SDXL: both), or none."""
@@ -159,19 +179,27 @@ class LoraStrategy(StrategyDefaults):
         if "kohya" in formats:
             from safetensors.torch import save_file
 
-            unet = self.components.unet
-            tensors = {}
+            from ..formats import lycoris
+
+            unet, algo = self.components.unet, self.config.lora.algo
+            tensors, extra = {}, {"sdft_config": metadata.get("config", "")}
             for part, state in states.items():
-                alpha = self.alpha if part == "unet" else self.te_alpha
-                tensors.update(kohya_lora.peft_to_kohya(state, part, alpha, family, unet.config))
+                alpha, rank = (self.alpha, self.rank) if part == "unet" else (self.te_alpha, self.te_rank)
+                if algo in LYCORIS_ALGOS:
+                    tensors.update(lycoris.peft_to_lycoris(state, part, alpha, rank, family, unet.config))
+                else:
+                    tensors.update(kohya_lora.peft_to_kohya(state, part, alpha, family, unet.config))
+            if algo in LYCORIS_ALGOS:
+                factor = {"factor": str(self.config.lora.lokr_factor)} if algo == "lokr" else {}
+                extra.update(lycoris.lycoris_metadata(algo, self.rank, self.alpha, factor))
             prediction = self.components.noise_scheduler.config.prediction_type
             meta = kohya_lora.kohya_metadata(
                 rank=self.rank, alpha=self.alpha,
                 base_version=kohya_lora.base_model_version(dict(unet.config), prediction),
                 resolution=int(metadata.get("resolution", 512)), steps=int(metadata.get("steps", 0)),
                 lr=self.config.train.lr, title=file_stem(self.config.data.token), prediction_type=prediction,
-                extra={"sdft_config": metadata.get("config", "")})
-            path = out_dir / f"{file_stem(self.config.data.token)}_lora.safetensors"
+                extra=extra)
+            path = out_dir / f"{file_stem(self.config.data.token)}_{algo}.safetensors"
             save_file(tensors, str(path), metadata=meta)
             written["kohya"] = [str(path)]
         return written
@@ -183,16 +211,50 @@ class LoraStrategy(StrategyDefaults):
         return adapter
 
 
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return list(fh.keys())
+
+
 def can_load(path: Path) -> bool:
-    """A diffusers LoRA folder/file or a kohya LoRA file."""
+    """A diffusers LoRA folder/file or a kohya LoRA file (plain LoRA: up/down pairs)."""
+    from ..formats.lycoris import is_lycoris
+
     if path.is_dir():
         return (path / "pytorch_lora_weights.safetensors").is_file()
     if path.suffix != ".safetensors":
         return False
-    from safetensors import safe_open
+    keys = _keys(path)
+    return not is_lycoris(keys) and any(".lora" in k or k.startswith(("lora_unet_", "lora_te")) for k in keys)
 
-    with safe_open(str(path), framework="pt") as fh:
-        return any(".lora" in k or k.startswith(("lora_unet_", "lora_te")) for k in fh.keys())
+
+def can_load_lycoris(path: Path) -> bool:
+    """A LyCORIS-layout file (LoHa, LoKr, DoRA)."""
+    from ..formats.lycoris import is_lycoris
+
+    return path.is_file() and path.suffix == ".safetensors" and is_lycoris(_keys(path))
+
+
+def merge_lycoris_into(pipe, path: str, scale: float = 1.0, adapter_name: str | None = None) -> str:
+    """Apply a LyCORIS file (LoHa, LoKr, DoRA) to `pipe` by adding its changes into the weights, as A1111 and
+    ComfyUI do (diffusers' loader reads none of them); `scale` is the strength."""
+    from safetensors.torch import load_file
+
+    from ..families import family_of_pipeline
+    from ..formats.lycoris import merge_into
+
+    family = family_of_pipeline(pipe)
+    models = {"unet": pipe.unet, **{part: getattr(pipe, part) for part in family.text_encoder_parts}}
+    try:
+        merge_into(models, load_file(str(path)), family, pipe.unet.config, strength=scale)
+    except (RuntimeError, ValueError) as exc:  # a module this base lacks, or a weight of another shape
+        from .. import UserError
+
+        raise UserError(f"{path} does not fit this base ({' '.join(str(exc).split())[:200]}); it was trained on a "
+                        "base of another family or size") from exc
+    return adapter_name or file_stem(Path(path).stem)
 
 
 def load_into(pipe, path: str, scale: float = 1.0, adapter_name: str | None = None) -> str:
@@ -206,3 +268,4 @@ def load_into(pipe, path: str, scale: float = 1.0, adapter_name: str | None = No
 
 
 register_loader("lora", can_load, load_into)
+register_loader("lycoris", can_load_lycoris, merge_lycoris_into)

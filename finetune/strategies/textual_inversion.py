@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..formats import embeddings
-from .base import register, register_loader
+from .base import StrategyDefaults, register, register_loader
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def initial_vectors(weight: torch.Tensor, init_ids: list[int], vectors: int) -> 
 
 
 @register("textual_inversion")
-class TextualInversionStrategy:
+class TextualInversionStrategy(StrategyDefaults):
     """Train the embedding rows of `data.token`; export diffusers and A1111 embeddings."""
 
     name = "textual_inversion"

@@ -3,6 +3,8 @@
     python -m lab.benchmarks.real_size --resolutions 256 512 --steps 4
     python -m lab.benchmarks.real_size --methods lora --resolutions 256 --precisions bf16 --checkpointing on
     python -m lab.benchmarks.real_size --shape sdxl --methods lora --resolutions 512 --precisions fp32
+    python -m lab.benchmarks.real_size --methods lora --resolutions 256 --precisions fp32 --checkpointing off \
+        --optimizers adamw prodigy adafactor lion adamw_schedulefree
 
 The random pipeline (SD1.5: UNet 860M, SD VAE, CLIP-L-shaped text encoder; SDXL: UNet 2.6B, CLIP-L and
 OpenCLIP-bigG-shaped encoders; real tokenizers) is built once from code and saved to `--base-dir` (fp32
@@ -31,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+OPTIMIZERS = ("adamw", "prodigy", "adafactor", "lion", "adamw_schedulefree")  # adamw8bit needs CUDA
 PHOTOS = REPO / "data_examples" / "photos"  # the example photos; any folder works (--images)
 METHODS = ("lora", "dreambooth", "textual_inversion", "hypernetwork")
 FIRST_FORMAT = {"lora": "kohya", "dreambooth": "diffusers", "textual_inversion": "a1111", "hypernetwork": "a1111"}
@@ -66,6 +69,9 @@ def child(args) -> None:
     config.train.steps = args.steps
     config.train.batch_size = 1
     config.train.lr = 1e-6
+    config.train.optimizer = args.optimizer
+    if args.optimizer == "prodigy":
+        config.train.lr = 1.0  # Prodigy's lr is a multiplier of its own step size
     config.train.mixed_precision = "no" if args.precision == "fp32" else args.precision
     config.train.gradient_checkpointing = args.checkpointing == "on"
     config.prior.enabled = False
@@ -77,7 +83,7 @@ def child(args) -> None:
     finally:
         shutil.rmtree(config.output.output, ignore_errors=True)  # a DreamBooth export is 4 GB: never keep it
     row = {"shape": args.shape, "method": args.method, "resolution": args.resolution, "precision": args.precision,
-           "checkpointing": args.checkpointing, "steps": args.steps, "s_per_step": summary["median_step_s"],
+           "checkpointing": args.checkpointing, "optimizer": args.optimizer, "steps": args.steps, "s_per_step": summary["median_step_s"],
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "wall_s": summary["wall_time_s"], "device": "cuda" if torch.cuda.is_available() and args.device != "cpu"
            else "cpu"}
@@ -93,6 +99,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=("off", "on"))
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--optimizers", nargs="+", default=["adamw"], choices=OPTIMIZERS,
+                        help="train.optimizer values to time (the optional ones need sdft[optimizers])")
     parser.add_argument("--images", type=Path, default=PHOTOS)
     parser.add_argument("--shape", default="sd15", choices=("sd15", "sdxl"), help="the random base's architecture")
     parser.add_argument("--base-dir", type=Path, default=None,
@@ -103,6 +111,7 @@ def main() -> None:
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.base_dir = args.base_dir or Path(tempfile.gettempdir()) / f"sdft-random-{args.shape}"
     if args.child:
@@ -110,11 +119,11 @@ def main() -> None:
         child(args)
         return
     ensure_base(args.base_dir, args.shape)
-    for method, resolution, precision, ckpt in itertools.product(args.methods, args.resolutions, args.precisions,
-                                                                 args.checkpointing):
+    for method, resolution, precision, ckpt, optimizer in itertools.product(
+            args.methods, args.resolutions, args.precisions, args.checkpointing, args.optimizers):
         command = [sys.executable, "-m", "lab.benchmarks.real_size", "--child", "--method", method,
                    "--resolution", str(resolution), "--precision", precision, "--checkpointing", ckpt,
-                   "--steps", str(args.steps),
+                   "--steps", str(args.steps), "--optimizer", optimizer,
                    "--images", str(args.images), "--base-dir", str(args.base_dir), "--shape", args.shape]
         if args.device:
             command += ["--device", args.device]

@@ -110,10 +110,13 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     warn_long_captions(examples, components.tokenizer)
     prediction_type = components.noise_scheduler.config.prediction_type
 
-    # Frozen weights may live in half precision; trained ones stay float32 (set after prepare()).
+    # Frozen weights may live in half precision; trained ones stay float32 (adapters: set after prepare()). A
+    # model whose own weights train is never rounded to half precision on the way.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (*components.text_encoders, components.unet):
-        module.to(accelerator.device, dtype=weight_dtype)
+    strategy = build_strategy(config)
+    fully_trained = strategy.fully_trained_parts()
+    for part, module in [*(("text_encoder", e) for e in components.text_encoders), ("unet", components.unet)]:
+        module.to(accelerator.device, dtype=torch.float32 if part in fully_trained else weight_dtype)
     # SDXL's own VAE overflows in fp16: it stays float32 unless --vae replaced it (e.g. by an fp16-safe one).
     vae_dtype = torch.float32 if family.vae_needs_float32 and not config.model.vae else weight_dtype
     components.vae.to(accelerator.device, dtype=vae_dtype)
@@ -132,7 +135,6 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                                         center_crop=config.data.center_crop, random_flip=config.data.random_flip,
                                         cache_latents=config.data.cache_latents, device=accelerator.device,
                                         dtype=vae_dtype, sample_posterior=sample_posterior)
-    strategy = build_strategy(config)
     torch.manual_seed(tcfg.seed)  # adapter initialisation (e.g. LoRA's A matrices) depends on --seed only
     strategy.prepare(components)
     family.freeze_unused(components.text_encoders)

@@ -37,6 +37,23 @@ def test_unet_trains_text_encoder_only_when_asked(tmp_path, tiny_components):
         assert lrs == ([1e-4, 2e-5] if train_te else [1e-4])
 
 
+def test_mixed_precision_never_rounds_the_weights_that_train(tmp_path, tiny_components):
+    """Under bf16 the frozen text encoder drops to bf16, but the UNet DreamBooth trains keeps its float32 values:
+    one step at a negligible lr leaves it where it was, not rounded to bf16 (~1e-3 relative)."""
+    from finetune.trainer import run_training
+
+    before = _snapshot(tiny_components.unet)
+    config = make_config("dreambooth", tmp_path / "run", **{
+        "train.lr": 1e-12, "train.steps": 1, "train.mixed_precision": "bf16", "prior.enabled": False,
+        "output.formats": ["diffusers"], "output.sample_seeds": []})
+    outcome = run_training(config, tiny_components)
+    unet, encoder = outcome.components.unet, outcome.components.text_encoder
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+    assert next(encoder.parameters()).dtype == torch.bfloat16
+    worst = max(float((v.float() - before[k]).abs().max()) for k, v in unet.state_dict().items())
+    assert 0 < worst < 1e-9, worst
+
+
 def test_word_embeddings_can_stay_frozen_while_the_text_encoder_trains(tmp_path, tiny_components):
     from finetune.trainer import run_training
 

@@ -64,6 +64,11 @@ class StrategyDefaults:
     def trains_text_encoder(self) -> bool:
         return False
 
+    def fully_trained_parts(self) -> tuple[str, ...]:
+        """Base models whose own weights train ('unet', 'text_encoder': every encoder): they stay float32 under
+        mixed precision, where frozen ones are cast to half precision."""
+        return ()
+
     def prompt_templates(self) -> list[str] | None:
         return None
 

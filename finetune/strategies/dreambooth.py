@@ -47,6 +47,9 @@ class DreamBoothStrategy(StrategyDefaults):
     def trains_text_encoder(self) -> bool:
         return self._train_te
 
+    def fully_trained_parts(self) -> tuple[str, ...]:
+        return ("unet", "text_encoder") if self._train_te else ("unet",)
+
     def param_groups(self):
         groups = [{"params": list(self.components.unet.parameters()), "lr": self.config.train.lr}]
         if self._train_te:

@@ -229,6 +229,9 @@ def load_pipeline(name: str, torch_dtype=None, single_file_config: str | None = 
 
     source = resolve_base(name)
     quiet_hf_progress_bars()
+    if isinstance(torch_dtype, dict) and (is_toy_base_folder(Path(source)) or Path(source).suffix in
+                                          SINGLE_FILE_SUFFIXES):
+        torch_dtype = None  # per-component dtypes only through from_pretrained; the caller casts afterwards
     if is_toy_base_folder(Path(source)):
         pipe = build_toy_pipeline(Path(source))
         return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
@@ -314,9 +317,12 @@ def load_vae(name: str):
     return vae.eval()
 
 
-def load_components(name: str, single_file_config: str | None = None, family: str | None = None) -> Components:
-    """Load the trainable parts of the base `name`, all frozen, in float32 on the CPU."""
-    pipe = load_pipeline(name, single_file_config=single_file_config, family=family)
+def load_components(name: str, single_file_config: str | None = None, family: str | None = None,
+                    dtypes: dict | None = None) -> Components:
+    """Load the trainable parts of the base `name`, all frozen, on the CPU: in float32, or per component as
+    `dtypes` says ({"default": torch.bfloat16, "unet": torch.float32, ...}; a diffusers folder or hub id loads
+    each straight in its dtype, so no float32 copy of the whole pipeline is ever held)."""
+    pipe = load_pipeline(name, torch_dtype=dtypes, single_file_config=single_file_config, family=family)
     source = resolve_base(name)
     if Path(source).suffix in SINGLE_FILE_SUFFIXES:
         # Summaries name a folder from_pretrained can open: convert the file once into the cache.

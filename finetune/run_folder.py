@@ -18,7 +18,8 @@ from .checkpoint import list_checkpoints, load_trainer_state, resolve_resume
 RUN_MARKERS = ("config.yaml", "summary.json", "checkpoints", "pivotal")
 RUN_ENTRIES = (*RUN_MARKERS, "logs", "samples", "loss.png", "pipeline")
 # Settings a resumed run may change: how long it trains and how it reports, not what it trains.
-RESUMABLE_KEYS = ("train.steps", "train.gradient_checkpointing", "data.cache_latents", "data.latent_cache_dir")
+RESUMABLE_KEYS = ("train.steps", "train.gradient_checkpointing", "train.attention", "train.channels_last",
+                  "train.compile_unet", "data.cache_latents", "data.latent_cache_dir")
 RESUMABLE_SECTIONS = ("output",)
 
 

@@ -66,6 +66,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     resolve_base(config.model.name)
     formats = check_formats(config)
     tracker(config.output.report_to)
+    check_attention(config.train)
     concepts = concepts_of(config.data)
     if config.method == "textual_inversion" or pivotal.enabled(config):
         refuse_several_new_words(concepts, config.data.token,
@@ -95,8 +96,14 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     refuse_sharded_backends(accelerator.distributed_type)
+    # Frozen weights may live in half precision; trained ones stay float32 (adapters: set after prepare()). A
+    # model whose own weights train is never rounded to half precision on the way.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    strategy = build_strategy(config)
+    fully_trained = strategy.fully_trained_parts()
     if components is None:
-        components = load_components(config.model.name, config.model.single_file_config, config.model.family)
+        components = load_components(config.model.name, config.model.single_file_config, config.model.family,
+                                     dtypes=load_dtypes(weight_dtype, fully_trained))
     apply_model_options(components, config.model)
     family = components.family
     if word is not None:
@@ -110,11 +117,6 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     warn_long_captions(examples, components.tokenizer)
     prediction_type = components.noise_scheduler.config.prediction_type
 
-    # Frozen weights may live in half precision; trained ones stay float32 (adapters: set after prepare()). A
-    # model whose own weights train is never rounded to half precision on the way.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    strategy = build_strategy(config)
-    fully_trained = strategy.fully_trained_parts()
     for part, module in [*(("text_encoder", e) for e in components.text_encoders), ("unet", components.unet)]:
         module.to(accelerator.device, dtype=torch.float32 if part in fully_trained else weight_dtype)
     # SDXL's own VAE overflows in fp16: it stays float32 unless --vae replaced it (e.g. by an fp16-safe one).
@@ -149,6 +151,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         if strategy.trains_text_encoder():
             for encoder in components.text_encoders:
                 encoder.gradient_checkpointing_enable()
+    apply_unet_options(components.unet, tcfg)
 
     disk_cache = None
     if config.data.latent_cache_dir and config.data.cache_latents:
@@ -427,6 +430,34 @@ def gather_micro_batch(config: RunConfig, batches: InstanceBatches, class_batche
     else:  # --buckets: a non-square instance bucket next to square class images
         latents, masks = [latents, class_latents], [masks, class_masks]
     return MicroBatch(specs + class_specs, captions + class_captions, latents, masks)
+
+
+def load_dtypes(weight_dtype, fully_trained: tuple[str, ...]) -> dict | None:
+    """Per-component load dtypes under mixed precision: frozen models straight in half precision, the VAE and
+    every model whose own weights train in float32 (the VAE is cast after loading, as its family allows)."""
+    if weight_dtype == torch.float32:
+        return None
+    float32_parts = ["vae", *(["unet"] if "unet" in fully_trained else []),
+                     *(["text_encoder", "text_encoder_2"] if "text_encoder" in fully_trained else [])]
+    return {"default": weight_dtype, **{part: torch.float32 for part in float32_parts}}
+
+
+def check_attention(tcfg) -> None:
+    """A missing xformers is a one-line error before anything loads."""
+    import importlib.util
+
+    if tcfg.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise UserError("train.attention=xformers needs the xformers package (pip install xformers, CUDA)")
+
+
+def apply_unet_options(unet, tcfg) -> None:
+    """The UNet's speed levers: attention kernel, memory layout and torch.compile (train section)."""
+    if tcfg.attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    if tcfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if tcfg.compile_unet:
+        unet.compile()  # in place: module names (and so every export) stay as they are
 
 
 def tracker(report_to: str) -> str | None:

@@ -138,3 +138,50 @@ def test_prediction_type_reaches_samples_and_exports(tmp_path):
     saved = json.loads((tmp_path / "db" / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert saved["prediction_type"] == "v_prediction" and saved["rescale_betas_zero_snr"] is True
     assert saved["timestep_spacing"] == "trailing"
+
+
+def test_speed_levers_leave_the_trained_weights_as_they_were(tmp_path):
+    """channels-last memory layout and the fused AdamW kernel change how the step runs, not what it learns: the
+    LoRA equals the plain run's up to float rounding (fused AdamW orders its arithmetic differently)."""
+    from finetune.trainer import run_training
+
+    def trained(name: str, **options) -> dict:
+        config = make_config("lora", tmp_path / name, **{"train.steps": 3, "train.lr": 1e-3,
+                                                         "output.formats": ["diffusers"], **options})
+        return {k: v.clone() for k, v in run_training(config).strategy.state_dict().items()}
+
+    plain = trained("plain", **{"train.fused_optimizer": "off"})
+    levers = trained("levers", **{"train.fused_optimizer": "on", "train.channels_last": True})
+    assert plain.keys() == levers.keys()
+    assert any(v.abs().max() > 0 for k, v in plain.items() if "lora_B" in k)
+    for key in plain:
+        torch.testing.assert_close(levers[key], plain[key], atol=2e-5, rtol=1e-4, msg=key)
+
+
+def test_missing_xformers_is_a_one_line_error(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from finetune import UserError
+    from finetune.trainer import run_training
+
+    if importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here: nothing to refuse")
+    with pytest.raises(UserError, match="pip install xformers"):
+        run_training(make_config("lora", tmp_path / "x", **{"train.attention": "xformers"}))
+
+
+def test_mixed_precision_loads_frozen_models_straight_in_half_precision(tiny_sdxl_folder):
+    """No float32 copy of a frozen model is made under bf16: a diffusers folder loads each part in its dtype;
+    the VAE and every model whose own weights train load in float32."""
+    from finetune.models import load_components
+    from finetune.trainer import load_dtypes
+
+    assert load_dtypes(torch.float32, ("unet",)) is None
+    adapters = load_components(str(tiny_sdxl_folder), dtypes=load_dtypes(torch.bfloat16, ()))
+    assert adapters.unet.dtype == torch.bfloat16 and adapters.vae.dtype == torch.float32
+    assert all(next(e.parameters()).dtype == torch.bfloat16 for e in adapters.text_encoders)
+    full = load_components(str(tiny_sdxl_folder), dtypes=load_dtypes(torch.bfloat16, ("unet", "text_encoder")))
+    assert full.unet.dtype == torch.float32
+    assert all(next(e.parameters()).dtype == torch.float32 for e in full.text_encoders)

@@ -17,7 +17,7 @@ import pstats
 import shutil
 import time
 
-from overhead import bare_step_times, comparison_config, load_base
+from lab.benchmarks.overhead import bare_step_times, comparison_config, load_base
 
 # (label, file suffix, function name) as cProfile names them; cumulative time, so nested entries overlap.
 PARTS = [

@@ -48,12 +48,18 @@ def make_optimizer(tcfg, param_groups, device) -> torch.optim.Optimizer:
     name = tcfg.optimizer
     betas, decay = (tcfg.adam_beta1, tcfg.adam_beta2), tcfg.weight_decay
     if name == "adamw":
-        fused = tcfg.fused_optimizer == "on" or (tcfg.fused_optimizer == "auto" and use_fused_kernel(param_groups, device))
-        try:
-            return torch.optim.AdamW(param_groups, lr=tcfg.lr, betas=betas, eps=tcfg.adam_epsilon,
-                                     weight_decay=decay, fused=fused or None)
-        except RuntimeError as exc:  # e.g. a device or dtype the fused kernel does not cover
-            raise UserError(f"train.fused_optimizer={tcfg.fused_optimizer}: {exc}; use off") from exc
+        # Not under fp16: the fused kernel always steps, so a skipped (overflowed) step would still advance the lr.
+        auto = tcfg.fused_optimizer == "auto" and tcfg.mixed_precision != "fp16" and use_fused_kernel(param_groups,
+                                                                                                    device)
+        options = dict(lr=tcfg.lr, betas=betas, eps=tcfg.adam_epsilon, weight_decay=decay)
+        if tcfg.fused_optimizer == "on" or auto:
+            try:
+                return torch.optim.AdamW(param_groups, fused=True, **options)
+            except (RuntimeError, TypeError) as exc:  # a torch, device or dtype the fused kernel does not cover
+                if not auto:
+                    raise UserError(f"train.fused_optimizer=on: {exc}; use auto or off") from exc
+                log.info("fused AdamW unavailable here (%s): the per-tensor loop trains instead", exc)
+        return torch.optim.AdamW(param_groups, **options)
     if name == "adamw8bit":
         if torch.device(device).type != "cuda":
             raise UserError("train.optimizer=adamw8bit needs a CUDA GPU; use adamw on this machine")

@@ -22,8 +22,8 @@ def class_image_configs(config, concepts) -> list:
     from . import UserError
 
     found: dict[tuple[str, ...], object] = {}
+    templates = config.prior.class_prompts or [config.prior.class_prompt]
     for concept in concepts:
-        templates = config.prior.class_prompts or [config.prior.class_prompt]
         if not concept.class_word and any("{class}" in t for t in templates):
             continue
         own = copy.deepcopy(config)
@@ -31,11 +31,15 @@ def class_image_configs(config, concepts) -> list:
         found.setdefault(tuple(class_prompts(own)), own)
     if not found:
         raise UserError("prior preservation needs --class-word (e.g. dog), or --no-prior")
-    sets = list(found.values())
-    if len(sets) > 1 and config.prior.class_images:
-        for index, own in enumerate(sets):
-            own.prior.class_images = str(Path(config.prior.class_images) / (own.data.class_word or f"class-{index}"))
-    return sets
+    if len(found) > 1 and config.prior.class_images:
+        from .formats import file_stem
+
+        for prompts, own in found.items():
+            # The class word for people, a hash of the prompts so two sets never share a folder.
+            digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:8]
+            name = f"{file_stem(own.data.class_word, fallback='class')}-{digest}"
+            own.prior.class_images = str(Path(config.prior.class_images) / name)
+    return list(found.values())
 
 
 def class_prompts(config) -> list[str]:

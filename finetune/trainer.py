@@ -413,7 +413,7 @@ class MicroBatch:
 
 def gather_micro_batch(config: RunConfig, batches: InstanceBatches, class_batches: InstanceBatches | None,
                        micro_step: int, process_index: int, num_processes: int, templates,
-                       caption_options: CaptionOptions, class_caption_options: CaptionOptions) -> MicroBatch:
+                       caption_options: list[CaptionOptions], class_caption_options: CaptionOptions) -> MicroBatch:
     """The samples, captions, latents and masks of one micro-step, drawn deterministically (finetune.batching)."""
     tcfg = config.train
     specs = batches.specs(tcfg.seed, micro_step, tcfg.batch_size, process_index, num_processes)
@@ -446,8 +446,12 @@ def check_attention(tcfg) -> None:
     """A missing xformers is a one-line error before anything loads."""
     import importlib.util
 
-    if tcfg.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+    if tcfg.attention != "xformers":
+        return
+    if importlib.util.find_spec("xformers") is None:
         raise UserError("train.attention=xformers needs the xformers package (pip install xformers, CUDA)")
+    if not torch.cuda.is_available():
+        raise UserError("train.attention=xformers runs on CUDA GPUs only; use sdpa here")
 
 
 def apply_unet_options(unet, tcfg) -> None:

@@ -9,9 +9,11 @@ LyCORIS tensor names: `hada_w1_a/_b`, `hada_w2_a/_b` (LoHa), `lokr_w1[_a/_b]`, `
 - LoKr: kron(w1, w2) (each factor whole or a low-rank pair), scaled by alpha / rank only when a factor is a
   low-rank pair (rank = that pair's inner dimension), else by 1;
 
-and DoRA then rescales each output row of (weight + change) to the length `dora_scale` holds. peft trains the
-same adapters; `peft_to_lycoris` writes its state so that these rules reproduce peft's forward pass, and
-`merge_into` applies a file by these rules (sdft's own loader, and the tests' stand-in for the consumers).
+and DoRA then rescales each output row of (weight + change) to the length `dora_scale` holds (LyCORIS's rule;
+ComfyUI divides by the base weight's row lengths instead, and A1111's built-in loader expects one scale per input
+column, so DoRA files are exact only in LyCORIS-based loaders and here). peft trains the same adapters;
+`peft_to_lycoris` writes its state so that these rules reproduce peft's forward pass, and `merge_into` applies a
+file by them (sdft's own loader and `sdft merge`; the tests check the LoHa/LoKr rules against the trained model).
 """
 
 from __future__ import annotations

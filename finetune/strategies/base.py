@@ -65,8 +65,9 @@ class StrategyDefaults:
         return False
 
     def fully_trained_parts(self) -> tuple[str, ...]:
-        """Base models whose own weights train ('unet', 'text_encoder': every encoder): they stay float32 under
-        mixed precision, where frozen ones are cast to half precision."""
+        """Base models whose weights all train ('unet', 'text_encoder': every encoder): they stay float32 under
+        mixed precision, where the others are cast to half precision (a model that trains only some rows, as
+        textual inversion's embedding table, starts from its half-precision values)."""
         return ()
 
     def prompt_templates(self) -> list[str] | None:

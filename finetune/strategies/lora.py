@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .base import StrategyDefaults, register, register_loader
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TEXT_ENCODER_KOHYA_TARGETS = TEXT_ENCODER_TARGETS + ["fc1", "fc2"]
+log = logging.getLogger(__name__)
 
 
 def unet_target_modules(unet, targets: str) -> list[str]:
@@ -142,8 +144,10 @@ class LoraStrategy(StrategyDefaults):
         # save_embedding_layers=False: after pivotal tuning the text encoder's embedding has grown by the new
         # word, and peft would then put the whole token embedding into the LoRA state; the word ships as its own
         # embedding files instead, and LoRA never trains those rows.
-        return {part: get_peft_model_state_dict(model, save_embedding_layers=False)
-                for part, model in self._parts().items()}
+        # contiguous: under --channels-last a 3x3 conv's adapter weights are strided, which safetensors refuses.
+        states = {part: get_peft_model_state_dict(model, save_embedding_layers=False)
+                  for part, model in self._parts().items()}
+        return {part: {k: v.contiguous() for k, v in state.items()} for part, state in states.items()}
 
     def state_dict(self):
         return {f"{part}.{k}": v.detach().clone() for part, state in self._peft_states().items()
@@ -189,6 +193,9 @@ class LoraStrategy(StrategyDefaults):
                     tensors.update(lycoris.peft_to_lycoris(state, part, alpha, rank, family, unet.config))
                 else:
                     tensors.update(kohya_lora.peft_to_kohya(state, part, alpha, family, unet.config))
+            if algo == "dora":
+                log.warning("DoRA file: exact in LyCORIS-based loaders and sdft; A1111's built-in loader reads "
+                            "dora_scale per input column and misapplies it, ComfyUI's comes close")
             if algo in LYCORIS_ALGOS:
                 factor = {"factor": str(self.config.lora.lokr_factor)} if algo == "lokr" else {}
                 extra.update(lycoris.lycoris_metadata(algo, self.rank, self.alpha, factor))

@@ -50,6 +50,9 @@ def main() -> None:
             runpy.run_path(target[0], run_name="__main__")
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        code = 1  # a crash is a failed row, whatever it reached
+        raise
     finally:
         record = {"launched": launched, "stamps": stamps, "ended": time.time(), "exit": code,
                   "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import Example, crop_box, size_condition, to_training_tensor
+from .data import Example, centre_crop_size_condition, crop_box, size_condition, to_training_tensor
 from .families import SizeCondition
 
 
@@ -184,7 +184,7 @@ class InstanceBatches:
                     self._cache[key] = (mean, std, mask)
             if spec.size is None:  # read from a cache: a centre crop, whose geometry follows from the image size
                 image_size, target = self.examples[spec.index].image.size, self._bucket(spec.index) or self.resolution
-                spec.size = size_condition(image_size, target, crop_box(image_size, target), spec.flip)
+                spec.size = centre_crop_size_condition(image_size, target, spec.flip)
             # Drawn in both modes, so the noise and timesteps that follow from this generator do not change.
             eps = torch.randn(mean.shape, generator=spec.generator).to(mean.device)
             out.append((mean + std * eps if self.sample_posterior else mean) * self.vae_scale)

@@ -272,6 +272,11 @@ def size_condition(image_size: tuple[int, int], resolution: int | tuple[int, int
     return SizeCondition((image_size[1], image_size[0]), (top, left), (out_h, out_w))
 
 
+def centre_crop_size_condition(image_size: tuple[int, int], resolution: int | tuple[int, int], flip: bool = False):
+    """size_condition() of the centre crop: the geometry of cached latents and of validation images."""
+    return size_condition(image_size, resolution, crop_box(image_size, resolution), flip)
+
+
 def to_training_tensor(image, resolution: int | tuple[int, int], center_crop: bool = True, flip: bool = False,
                        generator=None, box=None):
     """Resize to cover `resolution` (a square side, or a (width, height) bucket) keeping the aspect ratio,

@@ -34,11 +34,10 @@ class ValidationSet:
 
     def __init__(self, examples: list[Example], vae, vae_scale: float, resolution: int, num_timesteps: int,
                  timesteps: int, device, dtype) -> None:
-        from .data import crop_box, size_condition, to_training_tensor
+        from .data import centre_crop_size_condition, to_training_tensor
 
         self.captions = [e.caption for e in examples]
-        self.sizes = [size_condition(e.image.size, resolution, crop_box(e.image.size, resolution), False)
-                      for e in examples]
+        self.sizes = [centre_crop_size_condition(e.image.size, resolution) for e in examples]
         with torch.no_grad():
             pixels = torch.stack([to_training_tensor(e.image.convert("RGB"), resolution) for e in examples])
             self.latents = vae.encode(pixels.to(device, dtype)).latent_dist.mean.float() * vae_scale

@@ -157,3 +157,18 @@ def test_merge_applies_a_lycoris_file_like_the_loader(tmp_path, tiny_components)
     torch.testing.assert_close(_unet_out(merged.unet, hidden), _unet_out(applied.unet, hidden), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(_unet_out(merged.unet, hidden), _unet_out(load_pipeline("tiny").unet, hidden),
                               atol=1e-4)
+
+
+def test_convert_and_resize_refuse_a_lycoris_file_in_one_line(tmp_path, tiny_components, capsys):
+    from finetune.cli import main
+    from finetune.strategies import build_strategy
+
+    strategy = build_strategy(make_config("lora", tmp_path, **{"lora.algo": "lokr"}))
+    strategy.prepare(tiny_components)
+    (path,) = strategy.export(tmp_path, ["kohya"], {"resolution": "64"})["kohya"]
+    for argv in (["convert", path, "--output", str(tmp_path / "out.safetensors")],
+                 ["resize-lora", path, "--rank", "2", "--output", str(tmp_path / "small.safetensors")]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "LyCORIS file" in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "small.safetensors").exists()

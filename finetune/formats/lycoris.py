@@ -23,6 +23,7 @@ import json
 import torch
 
 from .kohya_lora import kohya_stem
+from .lora_resize import module_delta
 
 # peft tensor name -> LyCORIS tensor name (the LoHa and LoKr names are the same in both).
 PEFT_TO_LYCORIS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
@@ -101,9 +102,9 @@ def weight_change(tensors: dict[str, torch.Tensor], weight_shape: torch.Size) ->
         change = torch.kron(w1, w2)
         if rank is None:
             alpha = None  # both factors whole: the consumers apply no alpha
-    else:
-        rank = tensors["lora_down.weight"].shape[0]
-        change = _product(tensors["lora_up.weight"], tensors["lora_down.weight"])
+    else:  # LoRA's up/down pair (DoRA's direction): the plain kohya rule
+        alpha = None if alpha is None else float(alpha)
+        return module_delta(tensors["lora_up.weight"], tensors["lora_down.weight"], alpha).reshape(weight_shape)
     scale = float(alpha) / rank if alpha is not None and rank else 1.0
     return change.reshape(weight_shape) * scale
 

@@ -137,5 +137,5 @@ def draws_per_concept(indices, examples: list[Example], concepts: list[Concept])
 def describe(concepts: list[Concept], examples: list[Example]) -> str:
     """One line per run: each concept's images, repeats and trigger words."""
     counts = Counter(e.concept for e in examples)
-    return "; ".join(f"{c.name}: {counts[i]} images x {c.repeats} repeats, '{c.token} {c.class_word}'".rstrip("' ")
-                     + "'" for i, c in enumerate(concepts))
+    return "; ".join(f"{c.name}: {counts[i]} images x {c.repeats} repeats, "
+                     f"'{' '.join(filter(None, (c.token, c.class_word)))}'" for i, c in enumerate(concepts))

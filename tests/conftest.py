@@ -90,3 +90,21 @@ def render(pipe, prompt: str, seed: int = 0, steps: int = 3):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         return pipe(prompt, num_inference_steps=steps, guidance_scale=5.0, generator=gen, output_type="np").images[0]
+
+
+def unet_output(unet, hidden):
+    """The UNet's prediction for one fixed noisy latent at t=400 under `hidden` (comparing adapted models)."""
+    import torch
+
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return unet(sample, torch.tensor([400]), hidden).sample
+
+
+def prompt_states(components, prompt: str = "a photo of sks"):
+    """(token ids, text-encoder hidden states) of one prompt through the components' first encoder."""
+    import torch
+
+    ids = components.tokenizer([prompt], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return ids, components.text_encoder(ids)[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import make_config
+from conftest import make_config, prompt_states, unet_output
 
 
 def _randomise_lora(model, seed: int) -> None:
@@ -18,13 +18,6 @@ def _randomise_lora(model, seed: int) -> None:
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-
-
-def _unet_out(unet, hidden):
-    gen = torch.Generator().manual_seed(1)
-    sample = torch.randn(1, 4, 16, 16, generator=gen)
-    with torch.no_grad():
-        return unet(sample, torch.tensor([400]), hidden).sample
 
 
 def test_target_sets(tiny_components):
@@ -60,17 +53,15 @@ def test_exports_reproduce_in_diffusers(tmp_path, tiny_components, targets, trai
     strategy.prepare(tiny_components)
     _randomise_lora(tiny_components.unet, 0)
     _randomise_lora(tiny_components.text_encoder, 1)
-    ids = tiny_components.tokenizer(["a photo of sks"], padding="max_length", return_tensors="pt").input_ids
-    with torch.no_grad():
-        hidden = tiny_components.text_encoder(ids)[0]
-    expected = _unet_out(tiny_components.unet, hidden)
+    ids, hidden = prompt_states(tiny_components)
+    expected = unet_output(tiny_components.unet, hidden)
 
     written = strategy.export(tmp_path, ["diffusers", "kohya"], {"resolution": "64", "steps": "10"})
     assert set(written) == {"diffusers", "kohya"}
     base = load_pipeline("tiny")
     with torch.no_grad():
         base_hidden = base.text_encoder(ids)[0]
-    assert not torch.allclose(_unet_out(base.unet, hidden), expected, atol=1e-4), "LoRA made no difference"
+    assert not torch.allclose(unet_output(base.unet, hidden), expected, atol=1e-4), "LoRA made no difference"
     for fmt, (path,) in written.items():
         pipe = load_pipeline("tiny")
         load_into(pipe, path)
@@ -79,7 +70,7 @@ def test_exports_reproduce_in_diffusers(tmp_path, tiny_components, targets, trai
         if train_te:
             assert not torch.allclose(got_hidden, base_hidden, atol=1e-4)
         torch.testing.assert_close(got_hidden, hidden, atol=1e-5, rtol=1e-4, msg=f"{fmt}: text encoder")
-        torch.testing.assert_close(_unet_out(pipe.unet, hidden), expected, atol=1e-5, rtol=1e-4,
+        torch.testing.assert_close(unet_output(pipe.unet, hidden), expected, atol=1e-5, rtol=1e-4,
                                    msg=f"{fmt}: unet")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import make_config
+from conftest import make_config, prompt_states, unet_output
 
 ALGOS = ["loha", "lokr", "dora"]
 # The tensors each algorithm writes per module (besides `alpha`).
@@ -30,12 +30,6 @@ def _randomise_adapters(model, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
-def _unet_out(unet, hidden):
-    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return unet(sample, torch.tensor([400]), hidden).sample
-
-
 @pytest.mark.parametrize("algo", ALGOS)
 def test_file_reproduces_the_trained_unet_and_text_encoder(tmp_path, tiny_components, algo):
     """Every 3x3 conv, 1x1 conv and Linear the 'all' targets reach, and the text encoder: the file, applied to a
@@ -51,10 +45,8 @@ def test_file_reproduces_the_trained_unet_and_text_encoder(tmp_path, tiny_compon
     strategy.prepare(tiny_components)
     _randomise_adapters(tiny_components.unet, 0)
     _randomise_adapters(tiny_components.text_encoder, 1)
-    ids = tiny_components.tokenizer(["a photo of sks"], padding="max_length", return_tensors="pt").input_ids
-    with torch.no_grad():
-        hidden = tiny_components.text_encoder(ids)[0]
-    expected = _unet_out(tiny_components.unet, hidden)
+    ids, hidden = prompt_states(tiny_components)
+    expected = unet_output(tiny_components.unet, hidden)
 
     (path,) = strategy.export(tmp_path, ["kohya"], {"resolution": "64", "steps": "3"})["kohya"]
     assert path.endswith(f"sks_{algo}.safetensors") and detect_adapter_kind(path) == "lycoris"
@@ -68,13 +60,13 @@ def test_file_reproduces_the_trained_unet_and_text_encoder(tmp_path, tiny_compon
     pipe = load_pipeline("tiny")
     with torch.no_grad():
         base_hidden = pipe.text_encoder(ids)[0]
-    assert not torch.allclose(_unet_out(pipe.unet, hidden), expected, atol=1e-4), "the adapter changed nothing"
+    assert not torch.allclose(unet_output(pipe.unet, hidden), expected, atol=1e-4), "the adapter changed nothing"
     load_adapter(pipe, path)
     with torch.no_grad():
         got_hidden = pipe.text_encoder(ids)[0]
     assert not torch.allclose(got_hidden, base_hidden, atol=1e-4)
     torch.testing.assert_close(got_hidden, hidden, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(_unet_out(pipe.unet, hidden), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unet_output(pipe.unet, hidden), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_lokr_without_a_low_rank_pair_keeps_its_scale(tmp_path, tiny_components):
@@ -89,13 +81,13 @@ def test_lokr_without_a_low_rank_pair_keeps_its_scale(tmp_path, tiny_components)
     strategy.prepare(tiny_components)
     _randomise_adapters(tiny_components.unet, 2)
     hidden = torch.randn(1, 77, tiny_components.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(3))
-    expected = _unet_out(tiny_components.unet, hidden)
+    expected = unet_output(tiny_components.unet, hidden)
     (path,) = strategy.export(tmp_path, ["kohya"], {"resolution": "64"})["kohya"]
     with safe_open(path, framework="pt") as fh:
         assert not any(k.endswith(("lokr_w1_a", "lokr_w2_a")) for k in fh.keys())
     pipe = load_pipeline("tiny")
     load_adapter(pipe, path)
-    torch.testing.assert_close(_unet_out(pipe.unet, hidden), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unet_output(pipe.unet, hidden), expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -154,8 +146,8 @@ def test_merge_applies_a_lycoris_file_like_the_loader(tmp_path, tiny_components)
     load_adapter(applied, path, scale=0.5)
     merged = load_pipeline(str(tmp_path / "merged"))
     hidden = torch.randn(1, 77, merged.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(_unet_out(merged.unet, hidden), _unet_out(applied.unet, hidden), atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(_unet_out(merged.unet, hidden), _unet_out(load_pipeline("tiny").unet, hidden),
+    torch.testing.assert_close(unet_output(merged.unet, hidden), unet_output(applied.unet, hidden), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(unet_output(merged.unet, hidden), unet_output(load_pipeline("tiny").unet, hidden),
                               atol=1e-4)
 
 

@@ -35,7 +35,7 @@ LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w1_a", "dora_scale")
 
 def is_lycoris(keys) -> bool:
     """Whether a kohya-style file holds LyCORIS tensors (LoHa, LoKr or DoRA) rather than plain LoRA."""
-    return any(k.rsplit(".", 1)[-1] in LYCORIS_MARKERS or k.endswith(".dora_scale") for k in keys)
+    return any(k.rsplit(".", 1)[-1] in LYCORIS_MARKERS for k in keys)
 
 
 def peft_to_lycoris(peft_state: dict[str, torch.Tensor], part: str, alpha: float, rank: int, family=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import UserError, pivotal
+from . import UserError, backward_pass, pivotal
 from .batching import CaptionOptions, InstanceBatches
 from .checkpoint import ADAPTER_FILE, load_trainer_state, save_checkpoint
 from .concepts import (concepts_of, describe, draw_pool, draws_per_concept, load_concept_examples,
@@ -96,6 +97,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     refuse_sharded_backends(accelerator.distributed_type)
+    backward_pass.check_fused_backward(tcfg, accelerator.num_processes)
     # Frozen weights may live in half precision; trained ones stay float32 (adapters: set after prepare()). A
     # model whose own weights train is never rounded to half precision on the way.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -185,6 +187,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     text_encoders = [next((w for w, m in zip(wrapped, trainable) if m is encoder), encoder)
                      for encoder in components.text_encoders]
     trained_params = [p for group in optimizer.param_groups for p in group["params"]]
+    updates_in_backward = backward_pass.install(tcfg, optimizer, trained_params, accelerator.num_processes)
     ema = TrainedWeightsEMA(trained_params, tcfg.ema_decay, tcfg.ema_on_cpu) if tcfg.ema_decay > 0 else None
     _register_adapter_hooks(accelerator, strategy, ema)
     # Parameters reached through hooks (e.g. hypernetworks inside attention processors) never pass through
@@ -263,7 +266,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                     disable=not accelerator.is_local_main_process)
     step_times: list[float] = []
     # Ctrl-C stops after the current step with a checkpoint of it (a second Ctrl-C stops at once).
-    with StopOnInterrupt() as interrupt, progress:  # the bar closes (its line ends) on any way out
+    # The bar closes (its line ends) and the fused backward pass's hooks come off on any way out.
+    with StopOnInterrupt() as interrupt, progress, updates_in_backward or contextlib.nullcontext():
         for step in range(start_step, tcfg.steps):
             step_start = time.perf_counter()
             step_loss, step_parts = 0.0, {"instance": 0.0, "prior": 0.0}
@@ -287,10 +291,10 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
                         for param in unsynced:
                             grad = param.grad if param.grad is not None else torch.zeros_like(param)
                             param.grad = accelerator.reduce(grad, "mean")
-                    if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                    tcfg.max_grad_norm)
-                    optimizer.step()
+                    if updates_in_backward is None:  # (else each weight was clipped and updated in backward)
+                        if accelerator.sync_gradients and tcfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(trained_params, tcfg.max_grad_norm)
+                        optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     if ema is not None and accelerator.sync_gradients:
@@ -365,6 +369,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             "train_loop_s": round(sum(step_times), 3),  # the steps of this call (after a resume: only those)
             "first_step_s": round(step_times[0], 4) if step_times else None,  # warm-up: allocations, first kernels
             "cache_fill_s": round(cache_fill_s, 3),  # VAE encodes before step 1 (latent cache)
+            "fused_backward_pass": updates_in_backward is not None,
             "config": str(out / "config.yaml"),
             "samples": samples,
             "loss_plot": str(out / "loss.png"),

@@ -1,11 +1,12 @@
-"""Run a training script or module in this process and record when each optimizer step ends.
+"""Run a training script or module in this process and record when each training step ends.
 
     python -m lab.benchmarks.step_timer OUT.json -- path/to/train_dreambooth_lora.py --resolution 256 ...
     python -m lab.benchmarks.step_timer OUT.json -- -m finetune lora --images ...
 
-The same clock for sdft and for any reference script: a global optimizer step hook stamps the wall time after
-every `optimizer.step()`, so a step's time is the gap between two stamps (data, forward, backward and update
-alike). OUT.json gets the stamps, the launch and exit times (launch from STEP_TIMER_LAUNCHED when the parent
+The same clock for sdft and for any reference script: the learning-rate scheduler's step, which every one of
+them calls once per training step after the update, stamps the wall time, so a step's time is the gap between
+two stamps (data, forward, backward and update alike). (The optimizer's own step would not do: a fused backward
+pass calls it once per weight tensor.) OUT.json gets the stamps, the launch and exit times (launch from STEP_TIMER_LAUNCHED when the parent
 set it, so interpreter start-up counts as set-up), the exit code and this process's peak RSS.
 """
 
@@ -24,12 +25,20 @@ def main() -> None:
     out, separator, *target = sys.argv[1:]
     if separator != "--" or not target:
         raise SystemExit(__doc__)
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.optim.lr_scheduler import LRScheduler
 
     from lab.benchmarks.torchvision_standin import install
 
     stamps: list[float] = []
-    register_optimizer_step_post_hook(lambda *_: stamps.append(time.time()))
+    scheduler_step = LRScheduler.step
+
+    def stamped_step(scheduler, *args, **kwargs):
+        counted = getattr(scheduler, "_step_count", 0) >= 1  # not the step a scheduler takes when it is built
+        scheduler_step(scheduler, *args, **kwargs)
+        if counted:
+            stamps.append(time.time())
+
+    LRScheduler.step = stamped_step
     standin = False
     if target[0] != "-m":  # a reference script: it imports torchvision.transforms
         # transformers and diffusers decide once whether torchvision is usable; let them see the real answer

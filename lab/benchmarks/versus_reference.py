@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,7 @@ PAIRS = {
     "sdxl-lora-1024": {"script": "dreambooth/train_dreambooth_lora_sdxl.py", "method": "lora", "resolution": 1024,
                        "shape": "sdxl"},
 }
+KINDS = ("reference", "sdft-same-work", "sdft-defaults")
 LR = {"lora": 1e-4, "textual-inversion": 5e-4, "dreambooth": 5e-6}
 
 
@@ -119,6 +121,9 @@ def main() -> None:
     parser.add_argument("--precision", default="no", choices=("no", "fp16", "bf16"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="rows to run per pair")
+    parser.add_argument("--sdft-args", default="", help="extra sdft flags for its rows, e.g. "
+                        "'--fused-backward-pass off' (a lever's share)")
     parser.add_argument("--results", type=Path, default=None, help="append every row here as a JSON line")
     args = parser.parse_args()
     rows: dict[tuple[str, str], list[dict]] = {}
@@ -130,12 +135,14 @@ def main() -> None:
             script = args.examples / pair["script"]
             if not script.is_file():
                 raise SystemExit(f"{script}: not found (pass diffusers' examples folder as --examples)")
-            kinds = ["reference", "sdft-same-work", "sdft-defaults"]
+            kinds = [kind for kind in KINDS if kind in args.kinds]
             for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
                 out = Path(tempfile.mkdtemp(prefix=f"versus-{name}-{kind}-"))
                 argv = (reference_argv(pair, script, base, out, args.steps, args.precision) if kind == "reference"
-                        else sdft_argv(pair, base, out / "run", args.steps, args.precision, kind == "sdft-defaults"))
-                row = {"pair": name, "kind": kind, "round": repeat, **run_timed(argv, args.threads, args.timeout)}
+                        else sdft_argv(pair, base, out / "run", args.steps, args.precision, kind == "sdft-defaults")
+                        + shlex.split(args.sdft_args))
+                row = {"pair": name, "kind": kind, "round": repeat, "sdft_args": args.sdft_args,
+                       **run_timed(argv, args.threads, args.timeout)}
                 subprocess.run(["rm", "-rf", str(out)], check=False)
                 rows.setdefault((name, kind), []).append(row)
                 print(json.dumps(row), flush=True)
@@ -151,7 +158,9 @@ def table(rows: dict, pairs: list[str]) -> str:
              "wall ratio | RSS ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in pairs:
         reference = {r["round"]: r for r in rows.get((name, "reference"), []) if "s_per_step" in r}
-        for kind in ("reference", "sdft-same-work", "sdft-defaults"):
+        for kind in KINDS:
+            if (name, kind) not in rows:
+                continue
             good = [r for r in rows.get((name, kind), []) if "s_per_step" in r]
             if not good:
                 lines.append(f"| {name} | {kind} | failed | | | | | | | |")

@@ -136,6 +136,10 @@ class TrainConfig:
                                    "-3.4 GB at SD1.5, -10 GB at SDXL); clipping then applies per weight tensor. auto = "
                                    "on when 10M+ values train with adamw/adafactor/lion, one process, no fp16 and no "
                                    "gradient accumulation", choices=("auto", "on", "off"))
+    offload_frozen: str = opt("auto", "keep the VAE (once every latent is cached) and text encoders that do not train "
+                              "in CPU memory during the steps, back on the device for new prompts, sample grids "
+                              "and exports (SDXL: ~2 GB of GPU memory); auto = on a GPU",
+                              choices=("auto", "on", "off"))
     attention: str = opt("sdpa", "the UNet's attention kernel: sdpa (PyTorch's fused attention) or xformers (pip "
                          "install xformers; CUDA)", choices=("sdpa", "xformers"))
     channels_last: bool = opt(False, "keep the UNet's weights and activations in channels-last memory layout (faster "

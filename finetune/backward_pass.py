@@ -44,53 +44,61 @@ def check_fused_backward(tcfg, num_processes: int) -> None:
         raise UserError(f"train.fused_backward_pass=on: {reason} (or --fused-backward-pass off)")
 
 
-def wanted(tcfg, trained_params, num_processes: int) -> bool:
-    """Whether this run updates inside the backward pass: `on`, or `auto` for trained sets of 10M+ values (full
-    fine-tunes, where the gradients are gigabytes) whose settings allow it."""
+def wanted(tcfg, trained_params, num_processes: int, full_fine_tune: bool) -> bool:
+    """Whether this run updates inside the backward pass: `on`, or `auto` for full fine-tunes (a whole model
+    trains) of 10M+ values, where the gradients are gigabytes, with settings that allow it. Adapters and textual
+    inversion keep the ordinary step under auto: their gradients are small, and the per-tensor clipping would
+    change how they train for little memory."""
     if tcfg.fused_backward_pass == "off" or refusal(tcfg, num_processes):
         return False
     if tcfg.fused_backward_pass == "on":
         return True
-    return sum(p.numel() for p in trained_params) >= FUSED_CPU_MIN_PARAMETERS
+    # A compiled UNet's backward produces all its gradients together: nothing would be saved.
+    return (full_fine_tune and not tcfg.compile_unet
+            and sum(p.numel() for p in trained_params) >= FUSED_CPU_MIN_PARAMETERS)
 
 
 class UpdatesInBackward:
-    """Steps `optimizer` on each parameter from a post-accumulate-grad hook, then drops the gradient.
+    """Within its block, steps `optimizer` on each parameter from a post-accumulate-grad hook, then drops the
+    gradient.
 
     The one optimizer keeps every tensor's state and its groups' learning rates (the lr schedule and checkpoints
-    see it as usual); each hook shows it a single-tensor view of the tensor's group for one step call."""
+    see it as usual); each hook shows it a single-tensor view of the tensor's group for one step call. The group
+    is looked up by position on every call: loading a checkpoint replaces the optimizer's group dicts."""
 
     def __init__(self, optimizer, params: list[torch.nn.Parameter], max_grad_norm: float):
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # past accelerate's wrapper: no extra logic
-        self.max_grad_norm = max_grad_norm
-        self.group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
-        self.handles = [p.register_post_accumulate_grad_hook(self._update) for p in params]
+        self.params, self.max_grad_norm = params, max_grad_norm
+        self.group_index = {id(p): i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
+        self.handles = []
 
     def _update(self, param: torch.Tensor) -> None:
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
         groups = self.optimizer.param_groups
-        self.optimizer.param_groups = [dict(self.group_of[id(param)], params=[param])]
         try:
+            self.optimizer.param_groups = [dict(groups[self.group_index[id(param)]], params=[param])]
             self.optimizer.step()
         finally:
             self.optimizer.param_groups = groups
         param.grad = None
 
     def __enter__(self) -> UpdatesInBackward:
+        self.handles = [p.register_post_accumulate_grad_hook(self._update) for p in self.params]
         return self
 
     def __exit__(self, *exc) -> None:
-        """Detach the hooks when the loop ends, however it ends: later backward passes (a caller's, on the same
+        """Detach the hooks when the block ends, however it ends: later backward passes (a caller's, on the same
         components) are left alone."""
         for handle in self.handles:
             handle.remove()
         self.handles = []
 
 
-def install(tcfg, optimizer, trained_params, num_processes: int) -> UpdatesInBackward | None:
-    """The hooks when this run updates inside the backward pass, else None (the loop steps as usual)."""
-    if not wanted(tcfg, trained_params, num_processes):
+def install(tcfg, optimizer, trained_params, num_processes: int, full_fine_tune: bool) -> UpdatesInBackward | None:
+    """The per-tensor updater when this run updates inside the backward pass (hooks on while its block runs),
+    else None (the loop steps as usual)."""
+    if not wanted(tcfg, trained_params, num_processes, full_fine_tune):
         return None
     log.info("fused backward pass: each weight updates as soon as its gradient is complete (gradient clipping per "
              "weight tensor); --fused-backward-pass off for the usual step")

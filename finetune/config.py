@@ -134,8 +134,8 @@ class TrainConfig:
     fused_backward_pass: str = opt("auto", "update each weight inside the backward pass as soon as its gradient is "
                                    "complete, so the whole model's gradients never exist together (full fine-tunes: "
                                    "-3.4 GB at SD1.5, -10 GB at SDXL); clipping then applies per weight tensor. auto = "
-                                   "on when 10M+ values train with adamw/adafactor/lion, one process, no fp16 and no "
-                                   "gradient accumulation", choices=("auto", "on", "off"))
+                                   "on for full fine-tunes (DreamBooth) with adamw/adafactor/lion, one process, no "
+                                   "fp16, no gradient accumulation, no --compile-unet", choices=("auto", "on", "off"))
     offload_frozen: str = opt("auto", "keep the VAE (once every latent is cached) and text encoders that do not train "
                               "in CPU memory during the steps, back on the device for new prompts, sample grids "
                               "and exports (SDXL: ~2 GB of GPU memory); auto = on a GPU",

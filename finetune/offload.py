@@ -30,7 +30,9 @@ class OffloadedModule:
         self.module, self.device = module, device
         # Parameters and every buffer (non-persistent ones too, e.g. CLIP's position ids: state_dict skips them).
         tensors = itertools.chain(module.named_parameters(), module.named_buffers())
-        self.host = {name: tensor.detach().to("cpu", copy=True) for name, tensor in tensors}
+        # Page-locked on CUDA machines: the copy back runs at the bus's full speed.
+        pin = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        self.host = {name: _host_copy(tensor, pin) for name, tensor in tensors}
         self.away = False
 
     def send_away(self) -> None:
@@ -47,6 +49,11 @@ class OffloadedModule:
             self.away = False
 
 
+def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    copy = tensor.detach().to("cpu", copy=True)
+    return copy.pin_memory() if pin else copy
+
+
 class FrozenOffload:
     """The VAE (when every latent is cached) and the frozen text encoders, off the device between uses."""
 
@@ -59,14 +66,17 @@ class FrozenOffload:
         return self
 
     def __exit__(self, *exc) -> None:
-        """Every module back on the device, however the loop ended (exports and samples follow)."""
+        """Every module back on the device, however the loop ended (exports and samples follow); the host copies
+        are let go."""
         for part in self.parts:
             part.bring_back()
+            part.host = {}
 
     @contextlib.contextmanager
     def present(self, modules=None):
         """Within the block the offloaded modules (or those of `modules` among them) are on the device again."""
-        parts = [p for p in self.parts if modules is None or any(p.module is m for m in modules)]
+        # Only those away now: a block inside another leaves the outer one's modules where it found them.
+        parts = [p for p in self.parts if p.away and (modules is None or any(p.module is m for m in modules))]
         for part in parts:
             part.bring_back()
         try:
@@ -86,14 +96,16 @@ def present(offload: FrozenOffload | None, modules=None):
             yield
 
 
-def frozen_offload(tcfg, components, device, latents_cached: bool, text_encoders_train: bool) -> FrozenOffload | None:
-    """What this run offloads (None: nothing, the loop runs as before)."""
+def frozen_offload(tcfg, components, device, latents_cached: bool, text_encoders_train: bool,
+                   prompts_vary: bool = False) -> FrozenOffload | None:
+    """What this run offloads (None: nothing, the loop runs as before). Under auto the text encoders stay when
+    captions are shuffled: nearly every step would meet a new prompt and bring them back."""
     if not wanted(tcfg.offload_frozen, device):
         return None
-    modules = ([components.vae] if latents_cached else []) + ([] if text_encoders_train else
-                                                               list(components.text_encoders))
+    texts = not text_encoders_train and not (prompts_vary and tcfg.offload_frozen == "auto")
+    modules = ([components.vae] if latents_cached else []) + (list(components.text_encoders) if texts else [])
     if not modules:
         return None
     log.info("offloading %s to CPU memory during the steps",
-             " and ".join((["the VAE"] if latents_cached else []) + ([] if text_encoders_train else ["text encoders"])))
+             " and ".join((["the VAE"] if latents_cached else []) + (["the text encoders"] if texts else [])))
     return FrozenOffload(modules, device)

@@ -68,6 +68,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     formats = check_formats(config)
     tracker(config.output.report_to)
     check_attention(config.train)
+    backward_pass.check_fused_backward(config.train, PartialState().num_processes)
     concepts = concepts_of(config.data)
     if config.method == "textual_inversion" or pivotal.enabled(config):
         refuse_several_new_words(concepts, config.data.token,
@@ -97,7 +98,6 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     refuse_sharded_backends(accelerator.distributed_type)
-    backward_pass.check_fused_backward(tcfg, accelerator.num_processes)
     # Frozen weights may live in half precision; trained ones stay float32 (adapters: set after prepare()). A
     # model whose own weights train is never rounded to half precision on the way.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -187,7 +187,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     text_encoders = [next((w for w, m in zip(wrapped, trainable) if m is encoder), encoder)
                      for encoder in components.text_encoders]
     trained_params = [p for group in optimizer.param_groups for p in group["params"]]
-    updates_in_backward = backward_pass.install(tcfg, optimizer, trained_params, accelerator.num_processes)
+    updates_in_backward = backward_pass.install(tcfg, optimizer, trained_params, accelerator.num_processes,
+                                                full_fine_tune=bool(fully_trained))
     ema = TrainedWeightsEMA(trained_params, tcfg.ema_decay, tcfg.ema_on_cpu) if tcfg.ema_decay > 0 else None
     _register_adapter_hooks(accelerator, strategy, ema)
     # Parameters reached through hooks (e.g. hypernetworks inside attention processors) never pass through
@@ -269,7 +270,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     step_times: list[float] = []
     frozen_away = offload.frozen_offload(
         tcfg, components, accelerator.device, latents_cached=batches.cache_enabled and (
-            class_batches is None or class_batches.cache_enabled), text_encoders_train=strategy.trains_text_encoder())
+            class_batches is None or class_batches.cache_enabled), text_encoders_train=strategy.trains_text_encoder(),
+        prompts_vary=any(options.shuffle for options in caption_options))
     # Ctrl-C stops after the current step with a checkpoint of it (a second Ctrl-C stops at once).
     # On any way out: the bar closes (its line ends), the fused backward pass's hooks come off and offloaded
     # models come back.

@@ -52,12 +52,15 @@ def test_updates_in_backward_equal_per_tensor_clipping_and_keep_one_gradient_ali
 
 def test_auto_turns_on_for_full_fine_tunes_only():
     big, small = [torch.nn.Parameter(torch.zeros(10_000_000))], [torch.nn.Parameter(torch.zeros(100))]
-    assert wanted(TrainConfig(), big, 1) and not wanted(TrainConfig(), small, 1)
-    assert wanted(TrainConfig(fused_backward_pass="on"), small, 1)
-    assert not wanted(TrainConfig(fused_backward_pass="off"), big, 1)
-    for settings in [dict(grad_accum=2), dict(mixed_precision="fp16"), dict(optimizer="prodigy")]:
-        assert not wanted(TrainConfig(**settings), big, 1), settings
-    assert not wanted(TrainConfig(), big, 2)  # DDP averages gradients after the backward pass
+    assert wanted(TrainConfig(), big, 1, full_fine_tune=True)
+    assert not wanted(TrainConfig(), small, 1, full_fine_tune=True)  # the toy base's DreamBooth: as it was
+    assert not wanted(TrainConfig(), big, 1, full_fine_tune=False)  # e.g. textual inversion's 38M-value table
+    assert wanted(TrainConfig(fused_backward_pass="on"), small, 1, full_fine_tune=False)
+    assert not wanted(TrainConfig(fused_backward_pass="off"), big, 1, full_fine_tune=True)
+    for settings in [dict(grad_accum=2), dict(mixed_precision="fp16"), dict(optimizer="prodigy"),
+                     dict(compile_unet=True)]:
+        assert not wanted(TrainConfig(**settings), big, 1, full_fine_tune=True), settings
+    assert not wanted(TrainConfig(), big, 2, full_fine_tune=True)  # DDP averages gradients after the backward pass
 
 
 @pytest.mark.parametrize("setting", [{"train.mixed_precision": "fp16"}, {"train.optimizer": "prodigy"},
@@ -94,17 +97,21 @@ def test_every_method_trains_the_same_weights_in_backward(tmp_path, method):
 
 def test_dreambooth_in_backward_resumes_exactly(tmp_path):
     """A run stopped at a checkpoint and resumed ends on the weights of the uninterrupted run: the one
-    optimizer's state (every tensor's moments) is checkpointed as usual."""
+    optimizer's state (every tensor's moments) is checkpointed as usual, and the resumed steps follow the lr
+    schedule (loading the checkpoint replaces the optimizer's groups)."""
     from finetune.trainer import run_training
 
     def trained(name: str, steps: int, **options) -> dict:
         config = make_config("dreambooth", tmp_path / name, **{
             "train.steps": steps, "train.fused_backward_pass": "on", "prior.enabled": False,
-            "output.formats": ["diffusers"], "output.sample_seeds": [], "output.checkpoint_every": 2, **options})
+            "train.lr_scheduler": "linear", "train.lr_warmup_steps": 2,
+            "output.formats": ["diffusers"], "output.sample_seeds": [], "output.checkpoint_every": 2,
+            "output.keep_checkpoints": 5, **options})
         return {k: v.clone() for k, v in run_training(config).components.unet.state_dict().items()}
 
     uninterrupted = trained("uninterrupted", 4)
-    trained("resumed", 2)
-    resumed = trained("resumed", 4, **{"output.resume": "latest"})
+    # From the uninterrupted run's step-2 checkpoint (a run stopped there), into a folder of its own.
+    step_2 = tmp_path / "uninterrupted" / "checkpoints" / "step-2"
+    resumed = trained("resumed", 4, **{"output.resume": str(step_2)})
     for key in uninterrupted:
         assert torch.equal(resumed[key], uninterrupted[key]), key

@@ -27,12 +27,27 @@ def test_a_module_comes_back_bit_for_bit_with_its_unsaved_buffers(tiny_component
         assert tensor.device.type == "cpu" and torch.equal(tensor, before[name]), name
 
 
+def test_a_block_inside_another_leaves_the_outer_blocks_modules_present():
+    from finetune.offload import FrozenOffload
+
+    vae, encoder = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with FrozenOffload([vae, encoder], "cpu") as offload:
+        assert vae.weight.is_meta and encoder.weight.is_meta
+        with offload.present():
+            with offload.present([encoder]):  # e.g. a new prompt met while a sample grid is drawn
+                assert not encoder.weight.is_meta
+            assert not vae.weight.is_meta and not encoder.weight.is_meta
+        assert vae.weight.is_meta and encoder.weight.is_meta
+    assert not vae.weight.is_meta and not encoder.weight.is_meta
+
+
 def test_only_what_the_steps_do_not_need_is_offloaded():
     vae, te1, te2 = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
     components = SimpleNamespace(vae=vae, text_encoders=[te1, te2])
 
-    def chosen(setting="on", device="cpu", cached=True, trains_text=False):
-        found = frozen_offload(SimpleNamespace(offload_frozen=setting), components, device, cached, trains_text)
+    def chosen(setting="on", device="cpu", cached=True, trains_text=False, prompts_vary=False):
+        found = frozen_offload(SimpleNamespace(offload_frozen=setting), components, device, cached, trains_text,
+                               prompts_vary)
         return [p.module for p in found.parts] if found else []
 
     assert chosen() == [vae, te1, te2]
@@ -41,6 +56,9 @@ def test_only_what_the_steps_do_not_need_is_offloaded():
     assert chosen(cached=False, trains_text=True) == []
     assert chosen(setting="auto") == [] and chosen(setting="off", device="cuda") == []
     assert chosen(setting="auto", device="cuda") == [vae, te1, te2]
+    # Shuffled captions: a new prompt nearly every step, so auto keeps the text encoders; on offloads them anyway.
+    assert chosen(setting="auto", device="cuda", prompts_vary=True) == [vae]
+    assert chosen(prompts_vary=True) == [vae, te1, te2]
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])

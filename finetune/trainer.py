@@ -171,7 +171,10 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     if class_batches is not None:
         class_batches.fill_cache("caching class latents")
     cache_fill_s = time.perf_counter() - fill_started
-    text_cache: dict[str, tuple] = {}  # prompt -> (hidden states, pooled embedding or None)
+    # prompt -> (hidden states, pooled embedding or None), in CPU memory: a long run meets thousands of prompts,
+    # which would pile up in GPU memory. Shuffled tags make nearly every prompt new: nothing is kept then.
+    text_cache: dict[str, tuple] = {}
+    keep_prompts = not any(options.shuffle for options in caption_options)
     class_caption_options = CaptionOptions(dropout=config.prior.caption_dropout)
     caption_options = [concept.caption_options for concept in concepts]
     sample_prompts = _sample_prompts(config, concepts)
@@ -218,13 +221,17 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         if strategy.trains_text_encoder():
             return family.encode_prompts(components.tokenizers, encoders or text_encoders, prompts,
                                          accelerator.device)
-        missing = [p for p in dict.fromkeys(prompts) if p not in text_cache]
+        found = {p: text_cache[p] for p in dict.fromkeys(prompts) if p in text_cache}
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
         if missing:
             with torch.no_grad(), offload.present(frozen_away, components.text_encoders):
                 embeds = family.encode_prompts(components.tokenizers, components.text_encoders, missing,
                                                accelerator.device)
-            text_cache.update(zip(missing, embeds.rows()))
-        return PromptEmbeds.stack([text_cache[p] for p in prompts])
+            fresh = dict(zip(missing, embeds.to("cpu").rows()))
+            found.update(fresh)
+            if keep_prompts:
+                text_cache.update(fresh)
+        return PromptEmbeds.stack([found[p] for p in prompts]).to(accelerator.device)
 
     maths = StepMaths(components.noise_scheduler, prediction_type, tcfg,
                       config.data.unmasked_weight if config.data.alpha_mask else None, accelerator.device)

@@ -35,6 +35,10 @@ class PromptEmbeds:
         pooled = self.pooled if self.pooled is not None else [None] * len(self.hidden)
         return list(zip(self.hidden, pooled))
 
+    def to(self, device) -> "PromptEmbeds":
+        """The same embeddings on `device`."""
+        return PromptEmbeds(self.hidden.to(device), None if self.pooled is None else self.pooled.to(device))
+
     @classmethod
     def stack(cls, rows: list[tuple["torch.Tensor", "torch.Tensor | None"]]) -> "PromptEmbeds":
         import torch

@@ -174,9 +174,9 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     # prompt -> (hidden states, pooled embedding or None), in CPU memory: a long run meets thousands of prompts,
     # which would pile up in GPU memory. Shuffled tags make nearly every prompt new: nothing is kept then.
     text_cache: dict[str, tuple] = {}
-    keep_prompts = not any(options.shuffle for options in caption_options)
     class_caption_options = CaptionOptions(dropout=config.prior.caption_dropout)
     caption_options = [concept.caption_options for concept in concepts]
+    keep_prompts = not any(options.shuffle for options in caption_options)
     sample_prompts = _sample_prompts(config, concepts)
 
     optimizer = make_optimizer(tcfg, strategy.param_groups(), accelerator.device)
@@ -278,7 +278,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     frozen_away = offload.frozen_offload(
         tcfg, components, accelerator.device, latents_cached=batches.cache_enabled and (
             class_batches is None or class_batches.cache_enabled), text_encoders_train=strategy.trains_text_encoder(),
-        prompts_vary=any(options.shuffle for options in caption_options))
+        prompts_vary=not keep_prompts)
     # Ctrl-C stops after the current step with a checkpoint of it (a second Ctrl-C stops at once).
     # On any way out: the bar closes (its line ends), the fused backward pass's hooks come off and offloaded
     # models come back.

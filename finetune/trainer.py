@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     formats = check_formats(config)
     tracker(config.output.report_to)
     check_attention(config.train)
-    backward_pass.check_fused_backward(config.train, PartialState().num_processes)
+    # The launcher's world size, read without starting accelerate's state (which must start later, once).
+    backward_pass.check_fused_backward(config.train, int(os.environ.get("WORLD_SIZE", "1")))
     concepts = concepts_of(config.data)
     if config.method == "textual_inversion" or pivotal.enabled(config):
         refuse_several_new_words(concepts, config.data.token,

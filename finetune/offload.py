@@ -55,7 +55,8 @@ def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
 
 
 class FrozenOffload:
-    """The VAE (when every latent is cached) and the frozen text encoders, off the device between uses."""
+    """The VAE (when every latent is cached) and the frozen text encoders, off the device between uses; with no
+    modules, every block is a no-op (the run offloads nothing)."""
 
     def __init__(self, modules: list[torch.nn.Module], device):
         self.parts = [OffloadedModule(module, device) for module in modules]
@@ -86,26 +87,16 @@ class FrozenOffload:
                 part.send_away()
 
 
-@contextlib.contextmanager
-def present(offload: FrozenOffload | None, modules=None):
-    """offload.present(modules), or nothing to do when the run offloads nothing."""
-    if offload is None:
-        yield
-    else:
-        with offload.present(modules):
-            yield
-
-
 def frozen_offload(tcfg, components, device, latents_cached: bool, text_encoders_train: bool,
-                   prompts_vary: bool = False) -> FrozenOffload | None:
-    """What this run offloads (None: nothing, the loop runs as before). Under auto the text encoders stay when
-    captions are shuffled: nearly every step would meet a new prompt and bring them back."""
+                   prompts_vary: bool = False) -> FrozenOffload:
+    """What this run offloads (no modules: nothing, the loop runs as before). Under auto the text encoders stay
+    when captions are shuffled: nearly every step would meet a new prompt and bring them back. Nothing leaves the
+    device before the block is entered."""
     if not wanted(tcfg.offload_frozen, device):
-        return None
+        return FrozenOffload([], device)
     texts = not text_encoders_train and not (prompts_vary and tcfg.offload_frozen == "auto")
     modules = ([components.vae] if latents_cached else []) + (list(components.text_encoders) if texts else [])
-    if not modules:
-        return None
-    log.info("offloading %s to CPU memory during the steps",
-             " and ".join((["the VAE"] if latents_cached else []) + (["the text encoders"] if texts else [])))
+    if modules:
+        log.info("offloading %s to CPU memory during the steps",
+                 " and ".join((["the VAE"] if latents_cached else []) + (["the text encoders"] if texts else [])))
     return FrozenOffload(modules, device)

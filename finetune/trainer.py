@@ -179,6 +179,11 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     class_caption_options = CaptionOptions(dropout=config.prior.caption_dropout)
     caption_options = [concept.caption_options for concept in concepts]
     keep_prompts = not any(options.shuffle for options in caption_options)
+    # The offloaded VAE / text encoders during the steps (train.offload_frozen); they leave when the loop starts.
+    frozen_away = offload.frozen_offload(
+        tcfg, components, accelerator.device, latents_cached=batches.cache_enabled and (
+            class_batches is None or class_batches.cache_enabled), text_encoders_train=strategy.trains_text_encoder(),
+        prompts_vary=not keep_prompts)
     sample_prompts = _sample_prompts(config, concepts)
 
     optimizer = make_optimizer(tcfg, strategy.param_groups(), accelerator.device)
@@ -215,18 +220,17 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
         accelerator.init_trackers("sdft", config=_flat_hparams(config), init_kwargs=tracker_options(config, out))
     accelerator.wait_for_everyone()
 
-    frozen_away = None  # the offloaded VAE / text encoders during the steps (train.offload_frozen)
-
     def encode_text(captions: list[str], encoders=None) -> PromptEmbeds:
         """The family's text conditioning of the captions; cached per prompt while the encoders are frozen."""
         prompts = [strategy.expand_prompt(word.expand(c) if word else c) for c in captions]
         if strategy.trains_text_encoder():
             return family.encode_prompts(components.tokenizers, encoders or text_encoders, prompts,
                                          accelerator.device)
-        found = {p: text_cache[p] for p in dict.fromkeys(prompts) if p in text_cache}
-        missing = [p for p in dict.fromkeys(prompts) if p not in found]
+        unique = dict.fromkeys(prompts)
+        found = {p: text_cache[p] for p in unique if p in text_cache}
+        missing = [p for p in unique if p not in found]
         if missing:
-            with torch.no_grad(), offload.present(frozen_away, components.text_encoders):
+            with torch.no_grad(), frozen_away.present(components.text_encoders):
                 embeds = family.encode_prompts(components.tokenizers, components.text_encoders, missing,
                                                accelerator.device)
             fresh = dict(zip(missing, embeds.to("cpu").rows()))
@@ -277,15 +281,11 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
     progress = tqdm(total=tcfg.steps, initial=start_step, desc=f"sdft {config.method}",
                     disable=not accelerator.is_local_main_process)
     step_times: list[float] = []
-    frozen_away = offload.frozen_offload(
-        tcfg, components, accelerator.device, latents_cached=batches.cache_enabled and (
-            class_batches is None or class_batches.cache_enabled), text_encoders_train=strategy.trains_text_encoder(),
-        prompts_vary=not keep_prompts)
     # Ctrl-C stops after the current step with a checkpoint of it (a second Ctrl-C stops at once).
     # On any way out: the bar closes (its line ends), the fused backward pass's hooks come off and offloaded
     # models come back.
     with (StopOnInterrupt() as interrupt, progress, updates_in_backward or contextlib.nullcontext(),
-          frozen_away or contextlib.nullcontext()):
+          frozen_away):
         for step in range(start_step, tcfg.steps):
             step_start = time.perf_counter()
             step_loss, step_parts = 0.0, {"instance": 0.0, "prior": 0.0}
@@ -349,8 +349,8 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             if done % config.output.validation_every == 0 or done == tcfg.steps:
                 validate(done)
             if config.output.sample_every and done % config.output.sample_every == 0 and done < tcfg.steps:
-                with averaged_weights(optimizer, trained_params), offload.present(frozen_away):
-                    # (schedule-free: sample the averaged point)
+                # Schedule-free optimizers sample their averaged point; offloaded models come back for the grid.
+                with averaged_weights(optimizer, trained_params), frozen_away.present():
                     _write_samples(accelerator, config, components, strategy, text_encoders, unet, out, done,
                                    resolution, sample_prompts)
 
@@ -389,7 +389,7 @@ def run_training(config: RunConfig, components: Components | None = None) -> Tra
             "first_step_s": round(step_times[0], 4) if step_times else None,  # warm-up: allocations, first kernels
             "cache_fill_s": round(cache_fill_s, 3),  # VAE encodes before step 1 (latent cache)
             "fused_backward_pass": updates_in_backward is not None,
-            "offloaded": [type(p.module).__name__ for p in frozen_away.parts] if frozen_away else [],
+            "offloaded": [type(p.module).__name__ for p in frozen_away.parts],
             "config": str(out / "config.yaml"),
             "samples": samples,
             "loss_plot": str(out / "loss.png"),

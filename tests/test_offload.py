@@ -48,7 +48,7 @@ def test_only_what_the_steps_do_not_need_is_offloaded():
     def chosen(setting="on", device="cpu", cached=True, trains_text=False, prompts_vary=False):
         found = frozen_offload(SimpleNamespace(offload_frozen=setting), components, device, cached, trains_text,
                                prompts_vary)
-        return [p.module for p in found.parts] if found else []
+        return [p.module for p in found.parts]
 
     assert chosen() == [vae, te1, te2]
     assert chosen(cached=False) == [te1, te2]  # random crops: the VAE encodes every step

@@ -6,8 +6,9 @@
 The same clock for sdft and for any reference script: the learning-rate scheduler's step, which every one of
 them calls once per training step after the update, stamps the wall time, so a step's time is the gap between
 two stamps (data, forward, backward and update alike). (The optimizer's own step would not do: a fused backward
-pass calls it once per weight tensor.) OUT.json gets the stamps, the launch and exit times (launch from STEP_TIMER_LAUNCHED when the parent
-set it, so interpreter start-up counts as set-up), the exit code and this process's peak RSS.
+pass calls it once per weight tensor.) OUT.json gets the stamps, the launch and exit times (launch from
+STEP_TIMER_LAUNCHED when the parent set it, so interpreter start-up counts as set-up), the exit code and this
+process's peak RSS.
 """
 
 from __future__ import annotations

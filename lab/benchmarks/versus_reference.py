@@ -7,9 +7,9 @@ downloaded). Each pair trains the same images (data_examples/photos), resolution
 threads, as three rows: the reference script, sdft doing the same work (no latent cache: a VAE encode every step,
 as the reference does) and sdft with its defaults (latents cached). Rows run interleaved, in turn, `--repeats`
 times (the order reversed every other round), each in its own process under lab.benchmarks.step_timer, which
-stamps every training step (the lr scheduler's step) for all three alike. Per row: median s/step (the first two steps left out), time
-to the end of the first step (set-up), tail (last step to exit: exports), wall time and peak RSS; per sdft row
-its ratio to the reference of the same round, as median and range.
+stamps every training step (the lr scheduler's step) for all three alike. Per row: median s/step (the first two
+steps left out), time to the end of the first step (set-up), tail (last step to exit: exports), wall time and peak
+RSS; per sdft row its ratio to the reference of the same round, as median and range.
 
 The base is the random SD1.5-shaped pipeline of lab.benchmarks.real_size (built once when missing; SDXL-shaped
 for sdxl-lora-1024). The reference scripts need torchvision; where none loads, a stand-in with the same PIL
